@@ -1,0 +1,40 @@
+"""Render kernel templates (``templates/``) for a variant with Jinja2's StrictUndefined."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import jinja2
+
+from .variant import Variant
+
+_TL_DTYPES = {"bf16": "tl.bfloat16", "fp16": "tl.float16"}
+_TEMPLATES = {"triton": "triton/gather_attention.py.j2"}
+
+
+def templates_dir() -> Path:
+    """The template root: ``$FGATTN_TEMPLATES`` or the checkout's ``templates/``."""
+    return Path(os.environ.get("FGATTN_TEMPLATES", Path(__file__).resolve().parent.parent / "templates"))
+
+
+@functools.cache
+def _environment(root: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(root), undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True, autoescape=False,
+    )
+
+
+def render(variant: Variant, *, interpret: bool = False) -> str:
+    """Source text of ``variant``. ``interpret`` renders the Triton-interpreter form (fp32 dots)."""
+    template = _environment(templates_dir()).get_template(_TEMPLATES[variant.backend])
+    return template.render(
+        **variant.params, key=variant.key, tl_dtype=_TL_DTYPES[variant.dtype], dot_fp32=interpret,
+    )
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]

@@ -1,0 +1,102 @@
+"""A kernel variant: one point of the template parameter space, with a readable key.
+
+The key names every parameter, e.g. ``triton_bf16_d128_qb128_kg1_bm128_bn64_w8_s3``:
+backend, dtype, head dim, query block (KeySet ``block_m``), key granularity (KeySet ``block_n``),
+kernel tile BLOCK_M x BLOCK_N, warps, pipeline stages. The same string names the rendered source
+file, the build cache entry and the registry entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+BACKENDS = ("triton",)
+HEAD_DIMS = (64, 128)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16 -> "bf16"``; raises for unsupported dtypes."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of torch.bfloat16, torch.float16; got {dtype}")
+    return DTYPE_NAMES[dtype]
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Parameters of one rendered kernel.
+
+    ``block_m`` must be a multiple of ``tile_m``: a kernel program covers ``tile_m`` query rows of a
+    single query block, so all its rows share one key list.
+    """
+
+    backend: str
+    dtype: str
+    head_dim: int
+    block_m: int
+    block_n: int
+    tile_m: int
+    tile_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"invalid variant {self.key}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Why this point is invalid (empty when valid)."""
+        p = []
+        if self.backend not in BACKENDS:
+            p.append(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.dtype not in DTYPES:
+            p.append(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.head_dim not in HEAD_DIMS:
+            p.append(f"head_dim must be one of {HEAD_DIMS}, got {self.head_dim}")
+        if not (_is_pow2(self.tile_m) and 16 <= self.tile_m <= 256):
+            p.append(f"tile_m (BLOCK_M) must be a power of two in [16, 256], got {self.tile_m}")
+        elif self.block_m < 1 or self.block_m % self.tile_m:
+            p.append(f"tile_m (BLOCK_M) = {self.tile_m} must divide the query block block_m = {self.block_m}")
+        if not (_is_pow2(self.tile_n) and 16 <= self.tile_n <= 256):
+            p.append(f"tile_n (BLOCK_N) must be a power of two in [16, 256], got {self.tile_n}")
+        if self.block_n < 1:
+            p.append(f"block_n (key granularity) must be >= 1, got {self.block_n}")
+        if self.num_warps not in (4, 8):
+            p.append(f"num_warps must be 4 or 8, got {self.num_warps}")
+        if not 1 <= self.num_stages <= 6:
+            p.append(f"num_stages must be in [1, 6], got {self.num_stages}")
+        return p
+
+    @property
+    def key(self) -> str:
+        return (f"{self.backend}_{self.dtype}_d{self.head_dim}_qb{self.block_m}_kg{self.block_n}"
+                f"_bm{self.tile_m}_bn{self.tile_n}_w{self.num_warps}_s{self.num_stages}")
+
+    @property
+    def params(self) -> dict:
+        return asdict(self)
+
+    def smem_bytes(self) -> int:
+        """Shared memory the pipelined K/V tiles and the Q tile need (an estimate for filtering)."""
+        elt = 2
+        kv = 2 * self.tile_n * self.head_dim * elt * max(1, self.num_stages - 1)
+        return kv + self.tile_m * self.head_dim * elt
+
+
+def default_variant(*, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int) -> Variant:
+    """A safe variant that exists for every valid layout (used when nothing tuned matches)."""
+    tile_m = 128 if block_m % 128 == 0 else 64 if block_m % 64 == 0 else 32 if block_m % 32 == 0 else 16
+    if block_m % tile_m:
+        raise ValueError(f"keys: block_m must be a multiple of 16, got {block_m}")
+    return Variant(
+        backend="triton", dtype=dtype_name(dtype), head_dim=head_dim, block_m=block_m, block_n=block_n,
+        tile_m=tile_m, tile_n=64, num_warps=8 if tile_m >= 128 else 4, num_stages=3,
+    )
