@@ -1,0 +1,152 @@
+"""Kernel benchmark: fgattn against dense SDPA (cuDNN, flash) and FlexAttention block-sparse, one run.
+
+    PYTHONPATH=. python bench/bench_attention.py --name h100_part1 \
+        [--shapes 1,24,32760,128 1,48,17550,64] [--densities 1 0.5 0.3 0.1] [--variants bm128_bn64_w8_s3 ...]
+
+Every fgattn-triton timing includes the GPU compaction of the KeySet into index lists (it runs on every
+call). Masks are M x 1 (block_m=128, block_n=1) with spatial locality (``fgattn_gen.synthetic``);
+flex-block128 gets a 128 x 128 block mask of the same density from the same generator. Each variant is
+checked (SDPA output at density 1, the fp32 reference on a slice otherwise) before it is timed.
+Writes ``bench/results/<name>.json`` and ``<name>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+from fgattn_gen import KeySet, Variant, attention, reference_attention
+from fgattn_gen.baselines import flex_block, flex_block_mask, sdpa
+from fgattn_gen.synthetic import local_block_mask
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BLOCK_M, BLOCK_N = 128, 1
+
+
+def parse_variant(spec: str, *, dtype: str, head_dim: int) -> Variant:
+    """``"bm128_bn64_w8_s3"`` -> Variant for the benchmark's layout."""
+    fields = {part.rstrip("0123456789"): int(part[len(part.rstrip("0123456789")):]) for part in spec.split("_")}
+    return Variant(backend="triton", dtype=dtype, head_dim=head_dim, block_m=BLOCK_M, block_n=BLOCK_N,
+                   tile_m=fields["bm"], tile_n=fields["bn"], num_warps=fields["w"], num_stages=fields["s"])
+
+
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, what: str) -> float:
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    if not err < 2e-2:
+        raise RuntimeError(f"{what}: relative L2 error {err:.3g} vs reference")
+    return err
+
+
+def bench_shape(shape, densities, variants, dtype, rows, log):
+    b, h, s, d = shape
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=tdtype, generator=gen) for _ in range(3))
+    full = 4.0 * b * h * s * s * d
+    entry = dict(shape=[b, h, s, s, d], dtype=dtype)
+
+    def record(impl, density, ms, **extra):
+        row = dict(impl=impl, **entry, density=density, ms=ms, tflops=full * density / ms * 1e-9, **extra)
+        rows.append(row)
+        log(f"{impl:14s} {str(shape):22s} d={density:<4} {ms:8.3f} ms {row['tflops']:6.0f} TFLOP/s {extra}")
+
+    dense = {}
+    for backend in ("cudnn", "flash"):
+        dense[backend] = sdpa(q, k, v, backend)
+        record(f"sdpa-{backend}", 1.0, median_ms(lambda: sdpa(q, k, v, backend)))
+    nq, nk128 = triton.cdiv(s, 128), triton.cdiv(s, 128)
+    for density in densities:
+        m128 = local_block_mask(b, h, nq, nk128, density, seed=1, device="cuda")
+        bm = flex_block_mask(m128, s, s)
+        record("flex-block128", density, median_ms(lambda: flex_block(q, k, v, bm)))
+
+        mask = local_block_mask(b, h, triton.cdiv(s, BLOCK_M), triton.cdiv(s, BLOCK_N), density, seed=1, device="cuda")
+        keys = KeySet.from_mask(mask, block_m=BLOCK_M, block_n=BLOCK_N)
+        real_density = keys.density()
+        for spec in variants:
+            variant = parse_variant(spec, dtype=dtype, head_dim=d)
+            try:
+                out = attention(q, k, v, keys, variant=variant)
+                if density == 1.0:
+                    err = check(out, dense["cudnn"], variant.key)
+                else:
+                    rows_q = 1024  # reference on a slice: 2 heads x 1024 queries x all keys
+                    sub = KeySet(keys.bits[:, :2, : rows_q // BLOCK_M].contiguous(), keys.n_kblocks, BLOCK_M, BLOCK_N)
+                    ref = reference_attention(q[:, :2, :rows_q], k[:, :2], v[:, :2], sub)
+                    err = check(out[:, :2, :rows_q], ref, variant.key)
+                ms = median_ms(lambda: attention(q, k, v, keys, variant=variant))
+            except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the run goes on
+                log(f"fgattn-triton {variant.key}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            record("fgattn-triton", density, ms, variant=variant.key, rel_l2=err, key_density=real_density)
+        del mask, keys
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [f"# {result['name']}", "", f"Card: {result['device']}. Date: {result['date']}. "
+             f"Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+             "Times are medians (triton.testing.do_bench). fgattn-triton includes KeySet compaction; "
+             "best measured variant per row. Speedup = sdpa-cudnn time / time; TFLOP/s on computed elements.", "",
+             "| shape [B,H,Sq,Sk,D] | density | impl | ms | TFLOP/s | speedup vs sdpa-cudnn | variant |",
+             "|---|---|---|---|---|---|---|"]
+    shapes = []
+    for r in rows:
+        if r["shape"] not in shapes:
+            shapes.append(r["shape"])
+    for shape in shapes:
+        srows = [r for r in rows if r["shape"] == shape]
+        cudnn = next(r["ms"] for r in srows if r["impl"] == "sdpa-cudnn")
+        best = {}
+        for r in srows:
+            key = (r["impl"], r["density"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+        for r in sorted(best.values(), key=lambda r: (-r["density"], r["impl"])):
+            lines.append(f"| {shape} | {r['density']} | {r['impl']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+                         f"{cudnn / r['ms']:.2f}x | {r.get('variant', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--shapes", nargs="+", default=["1,24,32760,128", "1,48,17550,64"])
+    parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.3, 0.1])
+    parser.add_argument("--variants", nargs="+", default=["bm128_bn64_w8_s3"])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA GPU (none found)", file=sys.stderr)
+        return 2
+    rows: list[dict] = []
+    for spec in args.shapes:
+        bench_shape(tuple(int(x) for x in spec.split(",")), args.densities, args.variants, args.dtype, rows,
+                    lambda msg: print(msg, flush=True))
+    result = dict(
+        name=args.name, device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+        versions=dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                      cudnn=str(torch.backends.cudnn.version())),
+        rows=rows,
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    (RESULTS / f"{args.name}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
