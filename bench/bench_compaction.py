@@ -1,4 +1,4 @@
-"""Split one fgattn call into its parts: KeySet compaction alone (per chunk size / warps) and the kernel alone.
+"""Split one fgattn call into its parts: KeySet compaction alone and the attention kernel alone.
 
     PYTHONPATH=. python bench/bench_compaction.py [--shape 1,24,32760,128] [--densities 1 0.3 0.1]
 """
@@ -32,11 +32,8 @@ def main(argv=None) -> None:
     out = torch.empty_like(q)
     for density in args.densities:
         keys = KeySet.from_mask(local_block_mask(b, h, triton.cdiv(s, 128), s, density, device="cuda"), block_m=128)
-        for cw in (16, 32, 64, 128):
-            for nw in (4, 8):
-                ms = triton.testing.do_bench(lambda: compaction.compact(keys, 0, b * h, s, chunk_words=cw, num_warps=nw),
-                                             return_mode="median")
-                print(f"compact d={density} chunk_words={cw} warps={nw}: {ms * 1e3:.1f} us", flush=True)
+        ms = triton.testing.do_bench(lambda: compaction.compact(keys, 0, b * h, s), return_mode="median")
+        print(f"compact d={density}: {ms * 1e3:.1f} us", flush=True)
         idx, n_keys = compaction.compact(keys, 0, b * h, s)
 
         def kernel():

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from . import triton_backend
+from . import build, triton_backend
 from .checks import check_attention_inputs
 from .keyset import KeySet
 from .reference import reference_attention
@@ -39,7 +39,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, *
         with no selected key gets zeros and LSE = -inf.
     """
     scale = check_attention_inputs(q, k, v, keys, scale)
-    if backend == "reference" or (q.device.type == "cpu" and not triton_backend.interpreting()):
+    if backend == "reference" or (q.device.type == "cpu" and not build.interpreting()):
         if backend != "reference":
             warnings.warn("fgattn: CPU tensors and no TRITON_INTERPRET=1; using the fp32 reference", stacklevel=2)
         out, lse = reference_attention(q, k, v, keys, scale=scale, return_lse=True)

@@ -2,8 +2,9 @@
 
 For each (batch*head, query block) row, the indices of the set bits are written in ascending order,
 with the number of *keys* (not key blocks) the row selects, the ragged last key block counted only up
-to Sk. The row is split into chunks of words, one Triton program each; a chunk's first rank is the
-popcount of the words before it, so all chunks run in parallel.
+to Sk. On a GPU a CUDA kernel (templates/cuda/compact_keys.cu, NVRTC) does it with one warp per row
+and work per word, not per bit. The Triton kernels below are the same function for Triton's CPU
+interpreter: a first pass ranks each chunk of words, a second expands the chunks' bits in parallel.
 
 The index workspace is int32 ``[n_bh, n_qblocks, n_kblocks]``. A whole HunyuanVideo 720p layout would
 need 10.6 GB of it at density 1, so ``attention`` compacts and runs the heads in chunks whose
@@ -18,15 +19,19 @@ import torch
 import triton
 import triton.language as tl
 
+from . import nvrtc
+from .build import interpreting
+from .render import templates_dir
 from .keyset import KeySet
 
-_CHUNK_WORDS = 32  # bitmask words (x32 key blocks) per program
-_PREFIX_WORDS = 512  # words popcounted per step when summing the words before a chunk
-_NUM_WARPS = 4
+_CHUNK_WORDS = 256  # bitmask words (x32 key blocks) per compaction program
+_STEP_WORDS = 32  # words expanded and scanned per step of a program
+_NUM_WARPS = 1
 
 
 @triton.jit
 def _popcount(x):
+    """Bits set in each int32 lane (SWAR arithmetic)."""
     x = x - ((x >> 1) & 0x55555555)
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F
@@ -36,40 +41,47 @@ def _popcount(x):
 
 
 @triton.jit
-def _compact_kernel(
-    BITS, IDX, NKEYS,
-    n_words, n_kblocks, seq_k, n_qblocks, bh_start,
-    KEY_GRAN: tl.constexpr, CHUNK_WORDS: tl.constexpr, PREFIX_WORDS: tl.constexpr,
-):
-    """Program (chunk, query block, bh): writes the indices of the set bits of words
-    [chunk * CHUNK_WORDS, (chunk + 1) * CHUNK_WORDS) of its row at their rank in the row."""
+def _chunk_rank_kernel(BITS, CHUNK_RANK, NKEYS, n_words, n_kblocks, seq_k, n_qblocks, n_chunks, bh_start,
+                       KEY_GRAN: tl.constexpr, CHUNK_WORDS: tl.constexpr):
+    """Program per row: CHUNK_RANK[row, c] = set bits in the row's words before chunk c; NKEYS[row] = keys."""
+    qb = tl.program_id(0)
+    bh_local = tl.program_id(1)
+    bits_row = BITS + ((bh_start + bh_local).to(tl.int64) * n_qblocks + qb) * n_words
+    row = bh_local.to(tl.int64) * n_qblocks + qb
+    rank = 0
+    for c in range(0, n_chunks):
+        tl.store(CHUNK_RANK + row * n_chunks + c, rank)
+        wi = c * CHUNK_WORDS + tl.arange(0, CHUNK_WORDS)
+        words = tl.load(bits_row + wi, mask=wi < n_words, other=0)
+        tail_bits = n_kblocks - wi * 32  # padding bits past n_kblocks count for nothing
+        words = words & tl.where(tail_bits >= 32, -1, (1 << tl.minimum(tl.maximum(tail_bits, 0), 31)) - 1)
+        rank += tl.sum(_popcount(words), 0)
+    last = n_kblocks - 1
+    last_selected = (tl.load(bits_row + last // 32) >> (last % 32)) & 1
+    tl.store(NKEYS + row, rank * KEY_GRAN - last_selected * (n_kblocks * KEY_GRAN - seq_k))
+
+
+@triton.jit
+def _compact_kernel(BITS, CHUNK_RANK, IDX, n_words, n_kblocks, n_qblocks, n_chunks, bh_start,
+                    CHUNK_WORDS: tl.constexpr, STEP_WORDS: tl.constexpr):
+    """Program (chunk, query block, bh): writes the key-block indices of the set bits of its chunk of
+    words at their ranks, STEP_WORDS words (x32 bits, flattened and scanned) at a time."""
     chunk = tl.program_id(0)
     qb = tl.program_id(1)
     bh_local = tl.program_id(2)
     bits_row = BITS + ((bh_start + bh_local).to(tl.int64) * n_qblocks + qb) * n_words
-    out_row = (bh_local.to(tl.int64) * n_qblocks + qb) * n_kblocks
-    first_word = chunk * CHUNK_WORDS
-
-    # rank of this chunk's first selected key block: popcount of all earlier words of the row
-    base = 0
-    for w0 in range(0, first_word, PREFIX_WORDS):
-        wi = w0 + tl.arange(0, PREFIX_WORDS)
-        base += tl.sum(_popcount(tl.load(bits_row + wi, mask=wi < first_word, other=0)), 0)
-
-    wi = first_word + tl.arange(0, CHUNK_WORDS)
-    words = tl.load(bits_row + wi, mask=wi < n_words, other=0)
-    kblock = wi[:, None] * 32 + tl.arange(0, 32)[None, :]
-    flags = tl.where(kblock < n_kblocks, (words[:, None] >> tl.arange(0, 32)[None, :]) & 1, 0)
-    per_word = tl.sum(flags, 1)
-    word_rank = base + tl.cumsum(per_word, 0) - per_word
-    rank = word_rank[:, None] + tl.cumsum(flags, 1) - flags
-    tl.store(IDX + out_row + rank, kblock, mask=flags > 0)
-
-    if first_word + CHUNK_WORDS >= n_words:  # the row's last chunk writes its key count
-        last = n_kblocks - 1
-        last_selected = (tl.load(bits_row + last // 32) >> (last % 32)) & 1
-        n_keys = (base + tl.sum(per_word, 0)) * KEY_GRAN - last_selected * (n_kblocks * KEY_GRAN - seq_k)
-        tl.store(NKEYS + bh_local.to(tl.int64) * n_qblocks + qb, n_keys)
+    row = bh_local.to(tl.int64) * n_qblocks + qb
+    out_row = IDX + row * n_kblocks
+    rank = tl.load(CHUNK_RANK + row * n_chunks + chunk)
+    lane = tl.arange(0, STEP_WORDS * 32)
+    for w0 in range(chunk * CHUNK_WORDS, tl.minimum((chunk + 1) * CHUNK_WORDS, n_words), STEP_WORDS):
+        wi = w0 + tl.arange(0, STEP_WORDS)
+        words = tl.load(bits_row + wi, mask=wi < n_words, other=0)
+        flags = tl.reshape((words[:, None] >> tl.arange(0, 32)[None, :]) & 1, [STEP_WORDS * 32])
+        kblock = w0 * 32 + lane
+        flags = tl.where(kblock < n_kblocks, flags, 0)
+        tl.store(out_row + rank + tl.cumsum(flags, 0) - flags, kblock, mask=flags != 0)
+        rank += tl.sum(flags, 0)
 
 
 def workspace_budget() -> int:
@@ -84,8 +96,7 @@ def heads_per_chunk(keys: KeySet) -> int:
     return max(1, min(b * h, workspace_budget() // per_bh))
 
 
-def compact(keys: KeySet, bh_start: int, n_bh: int, seq_k: int, *, chunk_words: int = _CHUNK_WORDS,
-            num_warps: int = _NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(keys: KeySet, bh_start: int, n_bh: int, seq_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Index lists for rows ``bh_start .. bh_start + n_bh`` of the flattened (batch, head) axis.
 
     Returns:
@@ -94,13 +105,36 @@ def compact(keys: KeySet, bh_start: int, n_bh: int, seq_k: int, *, chunk_words: 
         n_keys: int32 ``[n_bh, n_qblocks]``: keys selected (ragged last key block clipped to ``seq_k``).
     """
     _, _, nq, nk = keys.shape
+    n_words = keys.bits.shape[-1]
+    if keys.device.type == "cuda" and not interpreting():
+        return _compact_cuda(keys, bh_start, n_bh, seq_k)
+    n_chunks = triton.cdiv(n_words, _CHUNK_WORDS)
     idx = torch.empty(n_bh, nq, nk, dtype=torch.int32, device=keys.device)
     n_keys = torch.empty(n_bh, nq, dtype=torch.int32, device=keys.device)
-    n_words = keys.bits.shape[-1]
-    _compact_kernel[(triton.cdiv(n_words, chunk_words), nq, n_bh)](
-        keys.bits, idx, n_keys,
-        n_words, nk, seq_k, nq, bh_start,
-        KEY_GRAN=keys.block_n, CHUNK_WORDS=chunk_words, PREFIX_WORDS=_PREFIX_WORDS,
-        num_warps=num_warps,
+    chunk_rank = torch.empty(n_bh, nq, n_chunks, dtype=torch.int32, device=keys.device)
+    _chunk_rank_kernel[(nq, n_bh)](
+        keys.bits, chunk_rank, n_keys, n_words, nk, seq_k, nq, n_chunks, bh_start,
+        KEY_GRAN=keys.block_n, CHUNK_WORDS=_CHUNK_WORDS, num_warps=1,
     )
+    _compact_kernel[(n_chunks, nq, n_bh)](
+        keys.bits, chunk_rank, idx, n_words, nk, nq, n_chunks, bh_start,
+        CHUNK_WORDS=_CHUNK_WORDS, STEP_WORDS=_STEP_WORDS, num_warps=_NUM_WARPS,
+    )
+    return idx, n_keys
+
+
+_CUDA_WARPS = 4
+
+
+def _compact_cuda(keys: KeySet, bh_start: int, n_bh: int, seq_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as ``compact`` through the warp-per-row CUDA kernel (templates/cuda/compact_keys.cu)."""
+    _, _, nq, nk = keys.shape
+    kernel = nvrtc.load_kernel(templates_dir() / "cuda" / "compact_keys.cu", "fgattn_compact_keys",
+                               keys.device.index if keys.device.index is not None else torch.cuda.current_device(),
+                               (("FGATTN_COMPACT_WARPS", _CUDA_WARPS),))
+    idx = torch.empty(n_bh, nq, nk, dtype=torch.int32, device=keys.device)
+    n_keys = torch.empty(n_bh, nq, dtype=torch.int32, device=keys.device)
+    n_rows = n_bh * nq
+    kernel((triton.cdiv(n_rows, _CUDA_WARPS), 1, 1), (32, _CUDA_WARPS, 1),
+           keys.bits, idx, n_keys, keys.bits.shape[-1], nk, seq_k, keys.block_n, nq, bh_start, n_rows)
     return idx, n_keys

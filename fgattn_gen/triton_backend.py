@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
@@ -14,11 +12,6 @@ from .variant import Variant
 _LOG2E = 1.4426950408889634
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def run(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, scale: float,
         out: torch.Tensor, lse: torch.Tensor | None) -> None:
     """Write ``out`` ``[B, H, Sq, D]`` (and ``lse`` fp32 ``[B, H, Sq]`` if given) for validated inputs.
@@ -26,7 +19,7 @@ def run(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
     The index workspace is built and consumed in chunks of heads (``compaction.heads_per_chunk``), so
     its memory stays bounded for any sequence length and density. No host synchronisation.
     """
-    module = build.load(variant, interpret=interpreting())
+    module = build.load(variant, interpret=build.interpreting())
     b, h, sq, _ = q.shape
     n_mtiles = triton.cdiv(sq, variant.tile_m)
     n_bh = b * h

@@ -1,0 +1,113 @@
+"""Compile CUDA source to a cubin with NVRTC (cuda-python), cache it on disk, launch it on torch's stream.
+
+Cache key: source hash, NVRTC version, target arch and options; entries live under
+``<cache>/cuda/<name>-<key>.cubin``, written under a file lock and renamed into place, so concurrent
+processes neither race nor see a partial cubin. A compile failure raises with NVRTC's log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from .build import cache_dir
+
+
+class CudaCompileError(RuntimeError):
+    """NVRTC rejected a source; the message carries the compiler log."""
+
+
+def _check(result, what: str):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed with {err!r}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def _nvrtc():
+    from cuda.bindings import nvrtc
+    return nvrtc
+
+
+def nvrtc_version() -> str:
+    major, minor = _check(_nvrtc().nvrtcVersion(), "nvrtcVersion")
+    return f"{major}.{minor}"
+
+
+def arch_of(device: torch.device) -> str:
+    """``sm_90a`` on Hopper (wgmma needs the arch-specific target), ``sm_XY`` elsewhere."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}{'a' if major == 9 else ''}"
+
+
+def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
+    """NVRTC ``source`` for ``arch``; returns the cubin (cached on disk)."""
+    nvrtc = _nvrtc()
+    opts = (f"--gpu-architecture={arch}", "-std=c++17", *options)
+    key = hashlib.sha256("\0".join((source, nvrtc_version(), *opts)).encode()).hexdigest()[:16]
+    path = cache_dir() / "cuda" / f"{name}-{key}.cubin"
+    if path.exists():
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():  # another process built it while we waited
+            return path.read_bytes()
+        prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
+                      "nvrtcCreateProgram")
+        try:
+            (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+            if int(err) != 0:
+                size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+                log = b" " * size
+                nvrtc.nvrtcGetProgramLog(prog, log)
+                raise CudaCompileError(f"NVRTC failed to compile {name} for {arch}:\n{log.decode(errors='replace')}")
+            size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+            cubin = b" " * size
+            _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        finally:
+            nvrtc.nvrtcDestroyProgram(prog)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(cubin)
+        os.replace(tmp, path)
+        return cubin
+
+
+class CudaKernel:
+    """A loaded ``extern "C"`` kernel; ``kernel(grid, block, *args)`` launches on torch's current stream."""
+
+    def __init__(self, cubin: bytes, name: str, device: torch.device):
+        from cuda.bindings import driver
+        self._driver = driver
+        torch.cuda.init()
+        with torch.cuda.device(device):
+            torch.empty(1, device=device)  # make torch's primary context current on this thread
+            self._module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+            self._function = _check(driver.cuModuleGetFunction(self._module, name.encode()), "cuModuleGetFunction")
+
+    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], *args) -> None:
+        values, types = [], []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                values.append(a.data_ptr())
+                types.append(ctypes.c_void_p)
+            else:
+                values.append(int(a))
+                types.append(ctypes.c_int)
+        stream = self._driver.CUstream(torch.cuda.current_stream().cuda_stream)
+        _check(self._driver.cuLaunchKernel(self._function, *grid, *block, 0, stream,
+                                           (tuple(values), tuple(types)), 0), "cuLaunchKernel")
+
+
+@functools.cache
+def load_kernel(source_file: Path, name: str, device_index: int, defines: tuple[tuple[str, int], ...] = ()) -> CudaKernel:
+    """Compile (cached) and load kernel ``name`` of ``source_file`` for CUDA device ``device_index``."""
+    device = torch.device("cuda", device_index)
+    options = tuple(f"-D{k}={v}" for k, v in defines)
+    return CudaKernel(compile_cubin(source_file.read_text(), name, arch_of(device), options), name, device)

@@ -1,0 +1,19 @@
+"""``fgattn-tune``: find the fastest correct kernel variant for every attention shape of a model.
+
+Pipeline, one module each:
+
+- ``device``: the GPU (or Triton's CPU interpreter) being tuned for, and its limits.
+- ``space``: the valid candidate variants of a backend, filtered before sampling, with a stable hash.
+- ``workload``: the inputs of one (shape, density): the shape actually timed, q/k/v sets, KeySet, reference.
+- ``objective``: one Optuna trial = one candidate: correctness gate, then timing; failures are pruned.
+- ``cpu_timing``: wall-clock timing for interpreter runs (``fgattn_gen.timing`` needs a GPU).
+- ``peers``: dense SDPA and FlexAttention block-sparse times at the same shape (GPU only).
+- ``storage``: ``--storage`` URLs and the default resumable journal file.
+- ``study``: one Optuna study per (device, model, shape, density): sampler, seeding, budget, resume.
+- ``workers``: one tuning subprocess per GPU for ``--gpus``, progress from the shared storage.
+- ``export``: finished studies -> the tuned YAML document (``fgattn_gen.tuned``).
+- ``report``: rich progress bar and summary tables; ``plot``: search-history PNGs.
+- ``runner``: the whole run for one model.
+
+Nothing here is imported by ``fgattn_gen`` itself: the CLI sets ``TRITON_INTERPRET`` before importing it.
+"""

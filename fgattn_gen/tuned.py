@@ -1,0 +1,147 @@
+"""The tuned-variant file: ``tuned/<gpu-slug>/<model>.yaml``, written by ``fgattn-tune``, served by the registry.
+
+Schema (version 1)::
+
+    schema: 1
+    metadata:
+      fgattn, torch, triton: str         # versions
+      optuna: str
+      cuda: str | null                   # torch.version.cuda
+      gpu: str                           # torch.cuda.get_device_name(), or "triton-interpreter"
+      sm: str | null                     # compute capability "9.0"; null under the interpreter
+      search_space_hash: str             # fgattn_gen.tune.space.SearchSpace.hash
+      date: str                          # ISO 8601, UTC
+      interpret: bool                    # true: CPU interpreter run, times rank nothing on a GPU
+      model: str
+      tuned_heads_note: str              # how ``measured`` relates to ``shape``
+    entries:
+      - label: str                       # the model's shape name, e.g. "720p-129f"
+        shape: {batch, heads, seq_q, seq_k, head_dim: int, dtype: str, block_m, block_n: int}
+        measured: {batch, heads, seq_q, seq_k: int}   # the shape that was actually timed
+        density: float                   # requested key density
+        best: {key: str, backend: str, params: {Variant fields}, ms, ms_p20, ms_p80: float}
+        runners_up: [up to 3 of the same form as best], fastest first
+        baselines: {sdpa-cudnn: float, flex-block128: float}   # optional (GPU runs only), ms at ``measured``
+        n_trials: int                    # finished trials (complete + pruned)
+        n_pruned: int
+
+``load_tuned`` checks all of it, including that each result's ``params`` build a Variant whose key is
+``key``; ``write_tuned`` checks before it writes and replaces the file atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .variant import Variant
+
+SCHEMA_VERSION = 1
+
+_STR, _INT, _NUM, _BOOL = "str", "int", "number", "bool"
+_OPT_STR = "str or null"
+_METADATA = {
+    "fgattn": _STR, "torch": _STR, "triton": _STR, "optuna": _STR, "cuda": _OPT_STR, "gpu": _STR, "sm": _OPT_STR,
+    "search_space_hash": _STR, "date": _STR, "interpret": _BOOL, "model": _STR, "tuned_heads_note": _STR,
+}
+_SHAPE = {"batch": _INT, "heads": _INT, "seq_q": _INT, "seq_k": _INT, "head_dim": _INT, "dtype": _STR,
+          "block_m": _INT, "block_n": _INT}
+_MEASURED = {"batch": _INT, "heads": _INT, "seq_q": _INT, "seq_k": _INT}
+_RESULT = {"key": _STR, "backend": _STR, "params": dict, "ms": _NUM, "ms_p20": _NUM, "ms_p80": _NUM}
+_ENTRY = {"label": _STR, "shape": _SHAPE, "measured": _MEASURED, "density": _NUM, "best": _RESULT,
+          "runners_up": list, "n_trials": _INT, "n_pruned": _INT}
+_ENTRY_OPTIONAL = {"baselines": dict}
+
+
+def _type_ok(value, kind) -> bool:
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _OPT_STR:
+        return value is None or isinstance(value, str)
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_mapping(data, spec: dict, where: str, optional: dict | None = None) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    missing = [key for key in spec if key not in data]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+    for key, kind in {**spec, **(optional or {})}.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if isinstance(kind, dict):
+            _check_mapping(value, kind, f"{where}.{key}")
+        elif not _type_ok(value, kind):
+            expected = kind if isinstance(kind, str) else kind.__name__
+            raise ValueError(f"{where}.{key}: expected {expected}, got {value!r}")
+
+
+def _check_result(result, where: str) -> None:
+    _check_mapping(result, _RESULT, where)
+    try:
+        variant = Variant(**result["params"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}.params: not a valid variant: {exc}") from None
+    if variant.key != result["key"] or variant.backend != result["backend"]:
+        raise ValueError(f"{where}: key {result['key']!r} / backend {result['backend']!r} do not match "
+                         f"params (variant {variant.key})")
+
+
+def _check_entry(entry, where: str) -> None:
+    _check_mapping(entry, _ENTRY, where, _ENTRY_OPTIONAL)
+    _check_result(entry["best"], f"{where}.best")
+    if len(entry["runners_up"]) > 3:
+        raise ValueError(f"{where}.runners_up: expected at most 3, got {len(entry['runners_up'])}")
+    for i, result in enumerate(entry["runners_up"]):
+        _check_result(result, f"{where}.runners_up[{i}]")
+    for name, ms in entry.get("baselines", {}).items():
+        if not isinstance(name, str) or not _type_ok(ms, _NUM):
+            raise ValueError(f"{where}.baselines: expected name: ms pairs, got {name!r}: {ms!r}")
+
+
+def validate_tuned(data, source: str = "tuned data") -> dict:
+    """Check a parsed tuned document against schema 1; returns it, or raises ValueError naming the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    if data.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{source}: schema: expected {SCHEMA_VERSION}, got {data.get('schema')!r}")
+    _check_mapping(data, {"metadata": _METADATA, "entries": list}, source)
+    for i, entry in enumerate(data["entries"]):
+        _check_entry(entry, f"{source}: entries[{i}]")
+    return data
+
+
+def load_tuned(path: str | os.PathLike) -> dict:
+    """Read and validate a tuned YAML file; raises ValueError (unreadable YAML, schema violation)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    return validate_tuned(data, str(path))
+
+
+def write_tuned(path: str | os.PathLike, data: dict) -> None:
+    """Validate ``data`` and write it as YAML to ``path`` atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    text = yaml.safe_dump(validate_tuned(data, str(path)), sort_keys=False, default_flow_style=None, width=120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
