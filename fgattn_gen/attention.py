@@ -10,16 +10,25 @@ from . import build, triton_backend
 from .checks import check_attention_inputs
 from .keyset import KeySet
 from .reference import reference_attention
-from .variant import Variant, default_variant
+from .variant import Variant, default_variant, dtype_name
 
 BACKENDS = ("triton", "reference")
 
 
 def select_variant(q: torch.Tensor, keys: KeySet, backend: str | None) -> Variant:
     """The kernel variant for this call (the default variant until a tuned registry exists)."""
-    if backend not in (None, "triton"):
-        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     return default_variant(dtype=q.dtype, head_dim=q.shape[-1], block_m=keys.block_m, block_n=keys.block_n)
+
+
+def check_variant_fits(variant: Variant, q: torch.Tensor, keys: KeySet, backend: str | None) -> None:
+    """Raise ValueError naming ``variant`` if it was built for another dtype, head dim, layout or backend."""
+    want = dict(dtype=dtype_name(q.dtype), head_dim=q.shape[-1], block_m=keys.block_m, block_n=keys.block_n)
+    if backend is not None:
+        want["backend"] = backend
+    wrong = {name: value for name, value in want.items() if getattr(variant, name) != value}
+    if wrong:
+        raise ValueError(f"variant: {variant.key} does not fit this call (needs "
+                         + ", ".join(f"{n}={v}" for n, v in wrong.items()) + ")")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, *, scale: float | None = None,
@@ -39,16 +48,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, *
         with no selected key gets zeros and LSE = -inf.
     """
     scale = check_attention_inputs(q, k, v, keys, scale)
-    if backend == "reference" or (q.device.type == "cpu" and not build.interpreting()):
-        if backend != "reference":
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if variant is not None and not isinstance(variant, Variant):
+        raise TypeError(f"variant: expected a fgattn_gen.Variant, got {type(variant).__name__}")
+    runs_kernels = q.device.type == "cuda" or build.interpreting()
+    if backend == "reference" or (backend is None and not runs_kernels):
+        if backend is None:
             warnings.warn("fgattn: CPU tensors and no TRITON_INTERPRET=1; using the fp32 reference", stacklevel=2)
         out, lse = reference_attention(q, k, v, keys, scale=scale, return_lse=True)
         return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
+    if not runs_kernels:
+        raise ValueError(f"backend: {backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+                         f"q is on {q.device}")
     if variant is None:
         variant = select_variant(q, keys, backend)
-    elif (variant.head_dim, variant.block_m, variant.block_n) != (q.shape[-1], keys.block_m, keys.block_n):
-        raise ValueError(f"variant: {variant.key} does not fit head_dim={q.shape[-1]}, "
-                         f"block_m={keys.block_m}, block_n={keys.block_n}")
+    check_variant_fits(variant, q, keys, backend)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
     triton_backend.run(variant, q, k, v, keys, scale, out, lse)

@@ -45,6 +45,6 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     keys.check_compatible(b, h, sq, k.shape[2], q.device)
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
     return float(scale)

@@ -31,6 +31,10 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _describe(x) -> str:
+    return f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def _popcount32(words: torch.Tensor) -> torch.Tensor:
     """Per-element bit count of an int32 tensor (SWAR; no lookup table, no host sync)."""
     x = words - ((words >> 1) & 0x55555555)
@@ -62,10 +66,10 @@ class KeySet:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"KeySet: {name} must be a positive int, got {value!r}")
-        if self.bits.dtype != torch.int32 or self.bits.dim() != 4:
+        if not isinstance(self.bits, torch.Tensor) or self.bits.dtype != torch.int32 or self.bits.dim() != 4:
             raise ValueError(
                 f"KeySet: bits must be an int32 tensor [B, H, n_qblocks, n_words], "
-                f"got {self.bits.dtype} of shape {tuple(self.bits.shape)}"
+                f"got {_describe(self.bits)}"
             )
         if not self.bits.is_contiguous():
             raise ValueError("KeySet: bits must be contiguous")
@@ -131,8 +135,11 @@ class KeySet:
         return unpacked.flatten(-2)[..., : self.n_kblocks].bool()
 
     def counts(self) -> torch.Tensor:
-        """int32 ``[B, H, n_qblocks]``: selected key blocks per query block."""
-        return _popcount32(self.bits).sum(-1, dtype=torch.int32)
+        """int32 ``[B, H, n_qblocks]``: selected key blocks per query block (padding bits ignored)."""
+        used = self.n_kblocks - 32 * (self.bits.shape[-1] - 1)  # bits of the last word that name key blocks
+        last_word_mask = -1 if used == 32 else (1 << used) - 1
+        words = torch.cat([self.bits[..., :-1], self.bits[..., -1:] & last_word_mask], dim=-1)
+        return _popcount32(words).sum(-1, dtype=torch.int32)
 
     def density(self) -> float:
         """Fraction of (query block, key block) pairs selected, in [0, 1] (synchronises)."""

@@ -1,7 +1,7 @@
 // KeySet bitmask -> sorted key-block index lists, one warp per (bh, query block) row.
 // Built with NVRTC by fgattn_gen/compaction.py (the Triton kernel there is the interpreter/CPU form).
 //
-// Each lane loads one word of a batch of 32 words; a warp scan of the popcounts gives each word's first
+// Each lane loads one word of a batch of 32 words (several batches in flight); a warp scan of the popcounts gives each word's first
 // rank; then, word by word, lane l writes the key-block index of bit l if it is set, at rank
 // base + popc(word & lanes below l): consecutive selected bits go to consecutive addresses (coalesced).
 // Work is per word, not per bit, and empty words are skipped.
@@ -19,31 +19,45 @@ fgattn_compact_keys(const unsigned* __restrict__ bits, int* __restrict__ idx, in
   int* dst = idx + (long long)row * n_kblocks;
   const unsigned below = (1u << lane) - 1u;
 
+  // Batches of 32 words (one per lane), loaded DEPTH batches at a time so the loads overlap the work.
+  constexpr int DEPTH = 4;
   int rank = 0;
-  unsigned next = lane < n_words ? __ldg(src + lane) : 0u;
-  for (int w0 = 0; w0 < n_words; w0 += 32) {
-    const int w = w0 + lane;
-    unsigned word = next;
-    next = (w + 32 < n_words) ? __ldg(src + w + 32) : 0u;  // prefetch the next batch
-    const int tail = n_kblocks - w * 32;                    // padding bits past n_kblocks count for nothing
-    if (tail < 32) word &= tail <= 0 ? 0u : ((1u << tail) - 1u);
-    const int count = __popc(word);
-    int incl = count;
+  unsigned next[DEPTH];
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int t = __shfl_up_sync(full, incl, o);
-      if (lane >= o) incl += t;
+  for (int d = 0; d < DEPTH; ++d) next[d] = (d * 32 + lane < n_words) ? __ldg(src + d * 32 + lane) : 0u;
+  for (int g0 = 0; g0 < n_words; g0 += 32 * DEPTH) {
+    unsigned batch[DEPTH];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      batch[d] = next[d];
+      const int w = g0 + (DEPTH + d) * 32 + lane;
+      next[d] = w < n_words ? __ldg(src + w) : 0u;
     }
-    const int excl = incl - count;
-    unsigned nonzero = __ballot_sync(full, word != 0u);
-    while (nonzero) {
-      const int j = __ffs(nonzero) - 1;
-      nonzero &= nonzero - 1u;
-      const unsigned wj = __shfl_sync(full, word, j);
-      const int base = rank + __shfl_sync(full, excl, j);
-      if ((wj >> lane) & 1u) dst[base + __popc(wj & below)] = (w0 + j) * 32 + lane;
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int w0 = g0 + d * 32;
+      if (w0 >= n_words) break;
+      unsigned word = batch[d];
+      const int tail = n_kblocks - (w0 + lane) * 32;  // padding bits past n_kblocks count for nothing
+      if (tail < 32) word &= tail <= 0 ? 0u : ((1u << tail) - 1u);
+      const int count = __popc(word);
+      int incl = count;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(full, incl, o);
+        if (lane >= o) incl += t;
+      }
+      const int excl = incl - count;
+      unsigned nonzero = __ballot_sync(full, word != 0u);
+      while (nonzero) {
+        const int j = __ffs(nonzero) - 1;
+        nonzero &= nonzero - 1u;
+        const unsigned wj = __shfl_sync(full, word, j);
+        const int base = rank + __shfl_sync(full, excl, j);
+        if ((wj >> lane) & 1u) dst[base + __popc(wj & below)] = (w0 + j) * 32 + lane;
+      }
+      rank += __shfl_sync(full, incl, 31);
     }
-    rank += __shfl_sync(full, incl, 31);
   }
   if (lane == 0) {
     const int last = n_kblocks - 1;

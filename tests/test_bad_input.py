@@ -1,0 +1,226 @@
+"""Every bad input to attention() raises ValueError / TypeError naming the offending argument."""
+
+import pytest
+import torch
+
+from conftest import make_qkv
+from fgattn_gen import KeySet, Variant, attention, reference_attention
+
+B, H, SQ, SK, D = 1, 2, 40, 50, 64
+BLOCK_M, BLOCK_N = 16, 3
+
+
+@pytest.fixture
+def inputs(gen, device):
+    q, k, v = make_qkv(gen, B, H, SQ, SK, D, torch.float16, device)
+    keys = KeySet.full(B, H, SQ, SK, block_m=BLOCK_M, block_n=BLOCK_N, device=device)
+    return q, k, v, keys
+
+
+def variant(**overrides):
+    params = dict(backend="triton", dtype="fp16", head_dim=D, block_m=BLOCK_M, block_n=BLOCK_N,
+                  tile_m=16, tile_n=32, num_warps=4, num_stages=2)
+    params.update(overrides)
+    return Variant(**params)
+
+
+def test_good_inputs_run(inputs):
+    q, k, v, keys = inputs
+    assert attention(q, k, v, keys).shape == q.shape
+    assert attention(q, k, v, keys, variant=variant()).shape == q.shape
+
+
+# ---------------------------------------------------------------------------------------- q / k / v
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("shape_of", [lambda t: t[0], lambda t: t[None], lambda t: t.flatten(0, 1)],
+                         ids=["rank3", "rank5", "rank3_flat"])
+def test_wrong_rank(inputs, name, shape_of):
+    q, k, v, keys = inputs
+    args = dict(q=q, k=k, v=v)
+    args[name] = shape_of(args[name])
+    with pytest.raises(ValueError, match=rf"^{name}: expected rank 4"):
+        attention(args["q"], args["k"], args["v"], keys)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_not_a_tensor(inputs, name):
+    q, k, v, keys = inputs
+    args = dict(q=q, k=k, v=v)
+    args[name] = args[name].tolist()
+    with pytest.raises(TypeError, match=rf"^{name}: expected a torch.Tensor"):
+        attention(args["q"], args["k"], args["v"], keys)
+
+
+@pytest.mark.parametrize("name", ["k", "v"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dtype_mismatch(inputs, name, dtype):
+    q, k, v, keys = inputs
+    args = dict(q=q, k=k, v=v)
+    args[name] = args[name].to(dtype)
+    with pytest.raises(ValueError, match=rf"^{name}: dtype {dtype} does not match q's torch.float16"):
+        attention(args["q"], args["k"], args["v"], keys)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int8, torch.float8_e4m3fn])
+def test_unsupported_dtype(inputs, dtype):
+    q, k, v, keys = inputs
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    with pytest.raises(ValueError, match=rf"^q: dtype must be one of .*got {dtype}"):
+        attention(q, k, v, keys)
+
+
+def test_reference_dtypes(inputs):
+    """The fp32 reference also takes fp32 inputs, but not integers."""
+    q, k, v, keys = inputs
+    out = reference_attention(q.float(), k.float(), v.float(), keys)
+    assert out.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"^q: dtype must be one of"):
+        reference_attention(q.to(torch.int32), k.to(torch.int32), v.to(torch.int32), keys)
+
+
+@pytest.mark.parametrize("head_dim", [96, 32, 256, 63])
+def test_unsupported_head_dim(gen, head_dim):
+    q, k, v = make_qkv(gen, B, H, SQ, SK, head_dim, torch.float16)
+    keys = KeySet.full(B, H, SQ, SK, block_m=BLOCK_M, block_n=BLOCK_N)
+    with pytest.raises(ValueError, match=rf"^q: head dim must be one of \(64, 128\), got {head_dim}"):
+        attention(q, k, v, keys)
+
+
+@pytest.mark.parametrize("k_shape", [(B + 1, H, SK, D), (B, H + 1, SK, D), (B, H, SK, 128)])
+def test_k_shape_mismatch(gen, k_shape):
+    q = torch.randn(B, H, SQ, D, generator=gen).half()
+    k = torch.randn(*k_shape, generator=gen).half()
+    keys = KeySet.full(B, H, SQ, SK, block_m=BLOCK_M, block_n=BLOCK_N)
+    with pytest.raises(ValueError, match=r"^k: shape .* does not match q"):
+        attention(q, k, k.clone(), keys)
+
+
+@pytest.mark.parametrize("v_shape", [(B, H, SK + 1, D), (B, H, SK, 128), (B, H + 1, SK, D)])
+def test_v_shape_mismatch(gen, v_shape):
+    q, k, _ = make_qkv(gen, B, H, SQ, SK, D, torch.float16)
+    v = torch.randn(*v_shape, generator=gen).half()
+    keys = KeySet.full(B, H, SQ, SK, block_m=BLOCK_M, block_n=BLOCK_N)
+    with pytest.raises(ValueError, match=r"^v: shape .* does not match k"):
+        attention(q, k, v, keys)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_non_contiguous_last_dim(gen, name):
+    q, k, v = make_qkv(gen, B, H, SQ, SK, 2 * D, torch.float16)
+    args = dict(q=q[..., :D].contiguous(), k=k[..., :D].contiguous(), v=v[..., :D].contiguous())
+    args[name] = dict(q=q, k=k, v=v)[name][..., ::2]  # head dim D with stride 2
+    keys = KeySet.full(B, H, SQ, SK, block_m=BLOCK_M, block_n=BLOCK_N)
+    with pytest.raises(ValueError, match=rf"^{name}: the last \(head\) dim must be contiguous"):
+        attention(args["q"], args["k"], args["v"], keys)
+
+
+@pytest.mark.parametrize("name, dim", [("q", 0), ("q", 1), ("q", 2), ("k", 2), ("v", 2)])
+def test_empty_dims(gen, name, dim):
+    q, k, v = make_qkv(gen, B, H, SQ, SK, D, torch.float16)
+    args = dict(q=q, k=k, v=v)
+    args[name] = args[name].narrow(dim, 0, 0)
+    keys = KeySet.full(B, H, SQ, SK, block_m=BLOCK_M, block_n=BLOCK_N)
+    with pytest.raises(ValueError, match=rf"^{name}: every dim must be >= 1"):
+        attention(args["q"], args["k"], args["v"], keys)
+
+
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_device_mismatch(inputs, name):
+    """Only partly expressible without a GPU: the meta device stands in for another device."""
+    q, k, v, keys = inputs
+    args = dict(q=q, k=k, v=v)
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"^{name}: on meta, but q is on {q.device}"):
+        attention(args["q"], args["k"], args["v"], keys)
+
+
+def test_keys_device_mismatch(inputs):
+    q, k, v, _ = inputs
+    keys = KeySet.full(B, H, SQ, SK, block_m=BLOCK_M, block_n=BLOCK_N, device="meta")
+    with pytest.raises(ValueError, match=rf"^keys: KeySet is on meta but q is on {q.device}"):
+        attention(q, k, v, keys)
+
+
+# ---------------------------------------------------------------------------------------- keys
+@pytest.mark.parametrize("batch, heads, seq_q, seq_k", [
+    (B + 1, H, SQ, SK),        # wrong B
+    (B, H + 1, SQ, SK),        # wrong H
+    (B, 1, SQ, SK),            # wrong H
+    (B, H, SQ + BLOCK_M, SK),  # one query block too many
+    (B, H, 16, SK),            # too few query blocks
+    (B, H, SQ, SK + BLOCK_N),  # one key block too many
+    (B, H, SQ, SK - 3),        # one key block too few
+])
+def test_keys_shape_mismatch(inputs, batch, heads, seq_q, seq_k):
+    q, k, v, _ = inputs
+    keys = KeySet.full(batch, heads, seq_q, seq_k, block_m=BLOCK_M, block_n=BLOCK_N)
+    with pytest.raises(ValueError, match=r"^keys: KeySet of shape .* does not match"):
+        attention(q, k, v, keys)
+    with pytest.raises(ValueError, match=r"^keys: KeySet of shape .* does not match"):
+        reference_attention(q, k, v, keys)
+
+
+def test_keys_not_a_keyset(inputs):
+    q, k, v, keys = inputs
+    with pytest.raises(TypeError, match=r"^keys: expected a fgattn_gen.KeySet"):
+        attention(q, k, v, keys.to_mask())
+
+
+@pytest.mark.parametrize("block_m", [8, 24, 1])
+def test_block_m_not_multiple_of_16(gen, block_m):
+    q, k, v = make_qkv(gen, B, H, SQ, SK, D, torch.float16)
+    keys = KeySet.full(B, H, SQ, SK, block_m=block_m, block_n=BLOCK_N)
+    with pytest.raises(ValueError, match=r"^keys: block_m must be a multiple of 16"):
+        attention(q, k, v, keys)
+
+
+# ---------------------------------------------------------------------------------------- scale / backend / variant
+@pytest.mark.parametrize("scale", [0, 0.0, -0.125, float("nan"), float("inf"), -float("inf"), "0.125",
+                                   torch.tensor(0.125)], ids=repr)
+def test_bad_scale(inputs, scale):
+    q, k, v, keys = inputs
+    with pytest.raises(ValueError, match=r"^scale: expected a positive finite float"):
+        attention(q, k, v, keys, scale=scale)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "Triton", "", "flash"])
+def test_bad_backend(inputs, backend):
+    q, k, v, keys = inputs
+    with pytest.raises(ValueError, match=r"^backend: expected one of"):
+        attention(q, k, v, keys, backend=backend)
+
+
+def test_bad_backend_with_variant(inputs):
+    """An explicit variant must not bypass the backend check."""
+    q, k, v, keys = inputs
+    with pytest.raises(ValueError, match=r"^backend: expected one of"):
+        attention(q, k, v, keys, backend="cuda", variant=variant())
+
+
+def test_bad_backend_on_reference_fallback(inputs, monkeypatch):
+    """Without the interpreter, CPU inputs fall back to the reference; a bad backend must still raise."""
+    q, k, v, keys = (x.to("cpu") for x in inputs)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^backend: expected one of"):
+        attention(q, k, v, keys, backend="cuda")
+
+
+@pytest.mark.parametrize("overrides", [dict(head_dim=128), dict(block_m=32), dict(block_n=1), dict(block_n=4)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_variant_not_fitting(inputs, overrides):
+    q, k, v, keys = inputs
+    with pytest.raises(ValueError, match=r"^variant: .* does not fit"):
+        attention(q, k, v, keys, variant=variant(**overrides))
+
+
+def test_variant_dtype_not_fitting(inputs):
+    """A bf16 variant for fp16 inputs must be refused, like a variant of the wrong head dim."""
+    q, k, v, keys = inputs
+    with pytest.raises(ValueError, match=r"^variant: "):
+        attention(q, k, v, keys, variant=variant(dtype="bf16"))
+
+
+def test_variant_not_a_variant(inputs):
+    q, k, v, keys = inputs
+    with pytest.raises((TypeError, ValueError), match=r"variant"):
+        attention(q, k, v, keys, variant="triton_fp16_d64_qb16_kg3_bm16_bn32_w4_s2")
