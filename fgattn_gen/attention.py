@@ -6,18 +6,13 @@ import warnings
 
 import torch
 
-from . import build, triton_backend
+from . import build, ops
 from .checks import check_attention_inputs
 from .keyset import KeySet
 from .reference import reference_attention
-from .variant import Variant, default_variant, dtype_name
+from .variant import Variant, dtype_name
 
 BACKENDS = ("triton", "reference")
-
-
-def select_variant(q: torch.Tensor, keys: KeySet, backend: str | None) -> Variant:
-    """The kernel variant for this call (the default variant until a tuned registry exists)."""
-    return default_variant(dtype=q.dtype, head_dim=q.shape[-1], block_m=keys.block_m, block_n=keys.block_n)
 
 
 def check_variant_fits(variant: Variant, q: torch.Tensor, keys: KeySet, backend: str | None) -> None:
@@ -41,7 +36,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, *
         keys: KeySet ``[B, H, ceil(Sq/block_m), ceil(Sk/block_n)]`` on the same device.
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"triton"``, ``"reference"`` (fp32 math, any device) or None (best available).
-        variant: run this kernel variant instead of the selected one.
+        variant: run this kernel variant instead of the one the registry (``fgattn_gen.registry``) picks.
         return_lse: also return the log-sum-exp of the scaled scores.
     Returns:
         out ``[B, H, Sq, D]`` in q's dtype, and with ``return_lse`` lse fp32 ``[B, H, Sq]``. A query block
@@ -61,10 +56,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, *
     if not runs_kernels:
         raise ValueError(f"backend: {backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                          f"q is on {q.device}")
-    if variant is None:
-        variant = select_variant(q, keys, backend)
-    check_variant_fits(variant, q, keys, backend)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
-    triton_backend.run(variant, q, k, v, keys, scale, out, lse)
+    if variant is not None:
+        check_variant_fits(variant, q, keys, backend)
+    out, lse = ops.sparse_attention(q, k, v, keys.bits, keys.n_kblocks, keys.block_m, keys.block_n, scale,
+                                    variant.key if variant is not None else "")
     return (out, lse) if return_lse else out

@@ -8,6 +8,7 @@ file, the build cache entry and the registry entry.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,6 +17,10 @@ BACKENDS = ("triton",)
 HEAD_DIMS = (64, 128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+_KEY_RE = re.compile(r"(?P<backend>[a-z]+)_(?P<dtype>[a-z0-9]+)_d(?P<head_dim>\d+)_qb(?P<block_m>\d+)"
+                     r"_kg(?P<block_n>\d+)_bm(?P<tile_m>\d+)_bn(?P<tile_n>\d+)_w(?P<num_warps>\d+)_s(?P<num_stages>\d+)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -80,6 +85,16 @@ class Variant:
         return (f"{self.backend}_{self.dtype}_d{self.head_dim}_qb{self.block_m}_kg{self.block_n}"
                 f"_bm{self.tile_m}_bn{self.tile_n}_w{self.num_warps}_s{self.num_stages}")
 
+    @classmethod
+    def from_key(cls, key: str) -> "Variant":
+        """Inverse of ``key``: ``Variant.from_key(v.key) == v``; ValueError for a malformed key."""
+        match = _KEY_RE.fullmatch(key)
+        if not match:
+            raise ValueError(f"variant key {key!r} does not look like "
+                             f"'<backend>_<dtype>_d<D>_qb<block_m>_kg<block_n>_bm<tile_m>_bn<tile_n>_w<warps>_s<stages>'")
+        f = match.groupdict()
+        return cls(backend=f.pop("backend"), dtype=f.pop("dtype"), **{name: int(v) for name, v in f.items()})
+
     @property
     def params(self) -> dict:
         return asdict(self)
@@ -91,12 +106,25 @@ class Variant:
         return kv + self.tile_m * self.head_dim * elt
 
 
-def default_variant(*, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int) -> Variant:
-    """A safe variant that exists for every valid layout (used when nothing tuned matches)."""
-    tile_m = 128 if block_m % 128 == 0 else 64 if block_m % 64 == 0 else 32 if block_m % 32 == 0 else 16
-    if block_m % tile_m:
+HOPPER_SMEM = 227 * 1024
+
+
+def default_variant(*, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int,
+                    smem_limit: int = HOPPER_SMEM) -> Variant:
+    """A variant that exists for every valid layout (served when nothing tuned matches).
+
+    The tile shapes are the best measured on H200 (bench/results/part1_triton_h200.md): 128x128 tiles,
+    8 warps, 3 stages at head dim 128; 64x64 tiles, 4 warps, 3 stages at 64. On GPUs with less shared
+    memory than that needs (``smem_limit`` bytes per block), 64x64 tiles with 2 stages.
+    """
+    if block_m % 16:
         raise ValueError(f"keys: block_m must be a multiple of 16, got {block_m}")
-    return Variant(
-        backend="triton", dtype=dtype_name(dtype), head_dim=head_dim, block_m=block_m, block_n=block_n,
-        tile_m=tile_m, tile_n=64, num_warps=8 if tile_m >= 128 else 4, num_stages=3,
-    )
+    tile_m = next(t for t in (128, 64, 32, 16) if block_m % t == 0)
+    common = dict(backend="triton", dtype=dtype_name(dtype), head_dim=head_dim, block_m=block_m, block_n=block_n)
+    if head_dim == 128 and tile_m == 128:
+        best = Variant(**common, tile_m=128, tile_n=128, num_warps=8, num_stages=3)
+    else:
+        best = Variant(**common, tile_m=min(tile_m, 64), tile_n=64, num_warps=4, num_stages=3)
+    if best.smem_bytes() <= smem_limit:
+        return best
+    return Variant(**common, tile_m=min(tile_m, 64), tile_n=64, num_warps=4, num_stages=2)

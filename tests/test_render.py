@@ -87,14 +87,22 @@ def test_invalid_variant_lists_every_problem():
     assert "head_dim" in msg and "num_warps" in msg and "num_stages" in msg
 
 
-@pytest.mark.parametrize("block_m, tile_m", [(16, 16), (32, 32), (48, 16), (64, 64), (96, 32), (128, 128),
-                                             (256, 128), (384, 128)])
+@pytest.mark.parametrize("head_dim, block_m, tile_m", [
+    (64, 16, 16), (64, 32, 32), (64, 48, 16), (64, 64, 64), (64, 96, 32), (64, 128, 64), (64, 384, 64),
+    (128, 16, 16), (128, 64, 64), (128, 128, 128), (128, 256, 128), (128, 384, 128),
+])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_default_variant(block_m, tile_m, dtype):
-    v = default_variant(dtype=dtype, head_dim=64, block_m=block_m, block_n=5)
+def test_default_variant(head_dim, block_m, tile_m, dtype):
+    v = default_variant(dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=5)
     assert v.problems() == []
-    assert (v.tile_m, v.block_m, v.block_n, v.head_dim) == (tile_m, block_m, 5, 64)
+    assert (v.tile_m, v.block_m, v.block_n, v.head_dim) == (tile_m, block_m, 5, head_dim)
+    assert v.smem_bytes() <= 227 * 1024
     assert v.dtype == {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def test_default_variant_fits_small_shared_memory():
+    v = default_variant(dtype=torch.float16, head_dim=128, block_m=128, block_n=1, smem_limit=100 * 1024)
+    assert v.smem_bytes() <= 100 * 1024
 
 
 def test_default_variant_rejects():

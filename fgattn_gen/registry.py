@@ -1,0 +1,212 @@
+"""Runtime registry: which tuned kernel variant serves an attention call on this GPU.
+
+Sources: the shipped ``tuned/`` YAMLs (``tuned/<gpu-slug>/<model>.yaml``, written by ``fgattn-tune``) and
+every directory in ``FGATTN_TUNED_PATH`` (``os.pathsep``-separated). A file is served only if it was
+tuned on a GPU (not the interpreter), on this GPU model, with this fgattn minor version, this Triton
+version and the current search space (template sources included); any other file is skipped with one
+warning. Shipped files of other GPUs are not considered at all.
+
+Lookup order for ``lookup(device=, dtype=, head_dim=, seq_q=, seq_k=, density=, block_n=)``:
+1. an entry of exactly this shape and density;
+2. the nearest entry of this layout: sequence lengths first (log distance), then density;
+3. the variant most often best for this layout across entries;
+4. ``default_variant``, which exists for every layout.
+Results are cached per argument tuple (thread-safe), so a warm lookup is a dictionary hit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from . import __version__
+from .tuned import load_tuned
+from .variant import DTYPES, HOPPER_SMEM, Variant, default_variant, dtype_name
+
+SHIPPED = Path(__file__).resolve().parent.parent / "tuned"
+
+
+@dataclass(frozen=True)
+class TunedChoice:
+    """One tuned (shape, density) -> variant result served by the registry."""
+
+    dtype: str
+    head_dim: int
+    block_m: int
+    block_n: int
+    seq_q: int
+    seq_k: int
+    density: float
+    variant: Variant
+    source: str
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def gpu_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"`` (the tuned/ directory name)."""
+    from .tune.device import gpu_slug as slug
+    return slug(name)
+
+
+def _space_hash(backend: str, dtype: str, head_dim: int, block_m: int, block_n: int) -> str:
+    from .tune.space import space_hash
+    return space_hash(backend, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
+
+
+def _mismatch(meta: dict, gpu: str, layouts: set[tuple]) -> str | None:
+    """Why a file's metadata rules it out for ``gpu`` (None if it may be served)."""
+    if meta["interpret"]:
+        return "it was tuned in Triton's CPU interpreter"
+    if meta["gpu"] != gpu:
+        return f"it was tuned on {meta['gpu']!r}, this GPU is {gpu!r}"
+    if _minor(meta["fgattn"]) != _minor(__version__):
+        return f"fgattn {meta['fgattn']} wrote it, this is {__version__}"
+    if meta["triton"] != triton.__version__:
+        return f"Triton {meta['triton']} compiled its kernels, this is {triton.__version__}"
+    stale = [layout for layout in layouts if _space_hash(*layout) != meta["search_space_hash"]]
+    if stale:
+        return "its search space (variants or template sources) differs from the current one"
+    return None
+
+
+class Registry:
+    """Tuned choices per GPU name, loaded lazily from ``dirs``; see the module docstring."""
+
+    def __init__(self, dirs: list[Path]):
+        self.dirs = dirs
+        self._lock = threading.Lock()
+        self._choices: dict[str, list[TunedChoice]] = {}
+        self._warned: set[str] = set()
+
+    def _files(self, gpu: str) -> list[Path]:
+        files = []
+        for root in self.dirs:
+            if root == SHIPPED:  # shipped files are sorted by GPU: only this GPU's folder applies
+                folder = root / gpu_slug(gpu)
+                files += sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+            elif root.is_dir():
+                files += sorted(root.rglob("*.yaml"))
+        return files
+
+    def _warn_once(self, path: Path, why: str) -> None:
+        if str(path) not in self._warned:
+            self._warned.add(str(path))
+            warnings.warn(f"fgattn registry: skipping {path}: {why}", stacklevel=3)
+
+    def choices(self, gpu: str) -> list[TunedChoice]:
+        """Every servable tuned choice for GPU name ``gpu`` (loaded once)."""
+        with self._lock:
+            if gpu not in self._choices:
+                self._choices[gpu] = self._load(gpu)
+            return self._choices[gpu]
+
+    def _load(self, gpu: str) -> list[TunedChoice]:
+        out = []
+        for path in self._files(gpu):
+            try:
+                data = load_tuned(path)
+            except (OSError, ValueError) as exc:
+                self._warn_once(path, f"not a valid tuned file ({exc})")
+                continue
+            layouts = {(e["best"]["backend"], e["shape"]["dtype"], e["shape"]["head_dim"], e["shape"]["block_m"],
+                        e["shape"]["block_n"]) for e in data["entries"]}
+            why = _mismatch(data["metadata"], gpu, layouts)
+            if why:
+                self._warn_once(path, why)
+                continue
+            for e in data["entries"]:
+                s = e["shape"]
+                out.append(TunedChoice(s["dtype"], s["head_dim"], s["block_m"], s["block_n"], s["seq_q"], s["seq_k"],
+                                       float(e["density"]), Variant(**e["best"]["params"]), str(path)))
+        return out
+
+    def lookup(self, *, gpu: str, dtype: str, head_dim: int, seq_q: int, seq_k: int, density: float | None,
+               block_m: int, block_n: int, smem_limit: int = HOPPER_SMEM) -> Variant:
+        """The variant for this call; see the module docstring for the order."""
+        layout = [c for c in self.choices(gpu)
+                  if (c.dtype, c.head_dim, c.block_m, c.block_n) == (dtype, head_dim, block_m, block_n)]
+        if not layout:
+            return default_variant(dtype=DTYPES[dtype], head_dim=head_dim, block_m=block_m, block_n=block_n,
+                                   smem_limit=smem_limit)
+        d = 1.0 if density is None else density
+        exact = [c for c in layout if (c.seq_q, c.seq_k) == (seq_q, seq_k) and (density is None or c.density == d)]
+        if exact:
+            return exact[0].variant
+
+        def distance(c: TunedChoice) -> tuple[float, float]:
+            seq = abs(math.log(c.seq_q / seq_q)) + abs(math.log(c.seq_k / seq_k))
+            return round(seq, 6), abs(c.density - d)
+
+        nearest = min(layout, key=distance)
+        if distance(nearest)[0] <= math.log(2.0):  # within a factor of two in sequence length
+            return nearest.variant
+        return Counter(c.variant for c in layout).most_common(1)[0][0]
+
+
+def search_dirs() -> list[Path]:
+    """``FGATTN_TUNED_PATH`` directories, then the shipped ``tuned/``."""
+    extra = [Path(p) for p in os.environ.get("FGATTN_TUNED_PATH", "").split(os.pathsep) if p]
+    return extra + [SHIPPED]
+
+
+_REGISTRY: Registry | None = None
+_REGISTRY_LOCK = threading.Lock()
+
+
+def default_registry() -> Registry:
+    """The process-wide registry over ``search_dirs()`` (``reload()`` rebuilds it)."""
+    global _REGISTRY
+    with _REGISTRY_LOCK:
+        if _REGISTRY is None:
+            _REGISTRY = Registry(search_dirs())
+        return _REGISTRY
+
+
+def reload() -> None:
+    """Forget loaded files and cached lookups (after FGATTN_TUNED_PATH or tuned files change)."""
+    global _REGISTRY
+    with _REGISTRY_LOCK:
+        _REGISTRY = None
+    _cached_lookup.cache_clear()
+    _device_info.cache_clear()
+
+
+@functools.lru_cache(maxsize=64)
+def _device_info(device: torch.device) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(device)
+    return props.name, props.shared_memory_per_block_optin
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_lookup(gpu: str, dtype: str, head_dim: int, seq_q: int, seq_k: int, density: float | None,
+                   block_m: int, block_n: int, smem_limit: int) -> Variant:
+    return default_registry().lookup(gpu=gpu, dtype=dtype, head_dim=head_dim, seq_q=seq_q, seq_k=seq_k,
+                                     density=density, block_m=block_m, block_n=block_n, smem_limit=smem_limit)
+
+
+def lookup(*, device: torch.device | str, dtype: torch.dtype, head_dim: int, seq_q: int, seq_k: int,
+           density: float | None = None, block_n: int = 1, block_m: int = 128) -> Variant:
+    """The best known variant for an attention call.
+
+    Args:
+        device: a CUDA ``torch.device`` or a GPU name such as ``"NVIDIA H100 80GB HBM3"``.
+        dtype: torch.bfloat16 or torch.float16. head_dim: 64 or 128.
+        seq_q, seq_k: sequence lengths. density: key density if known (None: any).
+        block_n, block_m: the KeySet's key granularity and query block.
+    Returns:
+        A Variant (``.key``, ``.backend``, ``.params``); never fails for a valid layout.
+    """
+    gpu, smem = (device, HOPPER_SMEM) if isinstance(device, str) else _device_info(torch.device(device))
+    return _cached_lookup(gpu, dtype_name(dtype), head_dim, seq_q, seq_k, density, block_m, block_n, smem)
