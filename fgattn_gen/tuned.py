@@ -9,7 +9,7 @@ Schema (version 1)::
       cuda: str | null                   # torch.version.cuda
       gpu: str                           # torch.cuda.get_device_name(), or "triton-interpreter"
       sm: str | null                     # compute capability "9.0"; null under the interpreter
-      search_space_hash: str             # fgattn_gen.tune.space.SearchSpace.hash
+      search_space_hash: str             # fgattn_gen.tune.space.space_hash of the layout
       date: str                          # ISO 8601, UTC
       interpret: bool                    # true: CPU interpreter run, times rank nothing on a GPU
       model: str

@@ -13,7 +13,7 @@ Pipeline, one module each:
 - ``workers``: one tuning subprocess per GPU for ``--gpus``, progress from the shared storage.
 - ``export``: finished studies -> the tuned YAML document (``fgattn_gen.tuned``).
 - ``report``: rich progress bar and summary tables; ``plot``: search-history PNGs.
-- ``runner``: the whole run for one model.
+- ``options``: the run's settings as parsed by ``fgattn_gen.cli``; ``runner``: the whole run for one model.
 
 Nothing here is imported by ``fgattn_gen`` itself: the CLI sets ``TRITON_INTERPRET`` before importing it.
 """

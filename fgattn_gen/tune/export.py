@@ -74,7 +74,7 @@ def study_entry(study: optuna.Study, space: SearchSpace, model: ModelSpec, shape
 def metadata(model: ModelSpec, device: Device, space: SearchSpace) -> dict:
     """The ``metadata`` block: versions, device, search-space hash, date, mode."""
     return {
-        "fgattn": __version__, "torch": torch.__version__, "triton": triton.__version__,
+        "fgattn": __version__, "torch": str(torch.__version__), "triton": triton.__version__,
         "optuna": optuna.__version__, "cuda": torch.version.cuda, "gpu": device.name, "sm": device.sm,
         "search_space_hash": space.hash,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -2,13 +2,15 @@
 
 - The variant is sampled from the SearchSpace; its key goes to user attr ``variant``.
 - If a finished trial of the study already evaluated that variant (TPE may sample a point again, a resumed
-  or parallel run may race on one), its result is reused and nothing is launched.
+  or parallel run may race on one), its result is reused and nothing is launched; a variant that crashed
+  the CUDA context before is pruned without being launched again.
 - A compile or launch failure (``triton.TritonError``: OutOfResources, CompilationError, PTXASError...;
   ``RuntimeError``: CUDA out of memory...) or a wrong result (NaN, or rel-L2 >= ``REL_L2_LIMIT`` on the
   checked slice) prunes the trial with the reason in user attr ``pruned_reason``: samplers rank it as
   bad and the study goes on.
 - An error that poisons the CUDA context (illegal address, launch failure, device assert) is raised: every
-  later launch in this process would fail too. The trial is recorded as FAIL and a rerun resumes the study.
+  later launch in this process would fail too. The trial is recorded as FAIL with user attr ``fatal_error``
+  and a rerun resumes the study.
 - Otherwise the value is the median ms; ``ms_p20`` and ``ms_p80`` go to user attrs.
 """
 
@@ -19,9 +21,11 @@ from typing import Callable, Sequence
 import optuna
 import torch
 import triton
+from optuna.trial import TrialState
 
 from ..attention import attention
 from .space import SearchSpace
+from .study import FINISHED
 from .workload import Workload
 
 REL_L2_LIMIT = 2e-2
@@ -59,12 +63,16 @@ class VariantObjective:
         self.time_fn = time_fn
 
     def _reuse(self, trial: optuna.Trial, key: str) -> float | None:
-        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        for earlier in trial.study.get_trials(deepcopy=False, states=done):
+        for earlier in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
             if earlier.user_attrs.get("variant") != key:
                 continue
+            if earlier.state == TrialState.FAIL:
+                if "fatal_error" in earlier.user_attrs:
+                    trial.set_user_attr("reused_from", earlier.number)
+                    _prune(trial, f"crashed in trial {earlier.number}: {earlier.user_attrs['fatal_error']}")
+                continue
             trial.set_user_attr("reused_from", earlier.number)
-            if earlier.state == optuna.trial.TrialState.PRUNED:
+            if earlier.state == TrialState.PRUNED:
                 _prune(trial, earlier.user_attrs.get("pruned_reason", f"pruned in trial {earlier.number}"))
             for name in ("ms_p20", "ms_p80"):
                 trial.set_user_attr(name, earlier.user_attrs[name])
@@ -84,6 +92,7 @@ class VariantObjective:
                 times = self.time_fn(lambda q, k, v: attention(q, k, v, w.keys, variant=variant), w.inputs)
         except CANDIDATE_ERRORS as exc:
             if any(s in str(exc) for s in _CONTEXT_FATAL):
+                trial.set_user_attr("fatal_error", _short(exc))
                 raise
             problem = _short(exc)
         if problem is not None:

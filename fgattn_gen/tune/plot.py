@@ -4,6 +4,7 @@ matplotlib is optional (``pip install fgattn[plot]``); ``require_matplotlib`` te
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -12,10 +13,8 @@ import optuna
 
 def require_matplotlib() -> None:
     """Raise ImportError with an install hint when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install matplotlib (or pip install 'fgattn[plot]')") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib (or pip install 'fgattn[plot]')")
 
 
 def save_history(study: optuna.Study, path: Path, title: str) -> None:

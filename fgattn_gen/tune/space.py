@@ -3,7 +3,8 @@
 A backend's tunable fields and their values are listed in ``TUNABLE``; the other Variant fields (dtype,
 head_dim, block_m, block_n) are fixed by the model. Points that ``Variant`` rejects (e.g. tile_m not
 dividing block_m) or whose shared memory exceeds the device's opt-in limit are dropped up front, so
-the sampler only ever sees valid points.
+the sampler only ever sees valid points. ``space_hash`` identifies the layout's space (valid points and
+their rendered sources) independently of the device, for the tuned file's metadata and study names.
 
 Optuna's categorical distributions must keep the same choices for a parameter name within a study, so
 the space is sampled as a tree (define-by-run, field by field): a field whose valid values depend on
@@ -26,6 +27,10 @@ import optuna
 from ..render import render, source_hash
 from ..variant import Variant
 
+class EmptySpaceError(ValueError):
+    """No tunable point is valid for a layout (e.g. no tile_m divides the model's block_m)."""
+
+
 TUNABLE: dict[str, dict[str, tuple[int, ...]]] = {
     "triton": {"tile_m": (64, 128), "tile_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
 }
@@ -33,21 +38,16 @@ TUNABLE: dict[str, dict[str, tuple[int, ...]]] = {
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Valid candidate variants of ``backend``; ``fields`` are the tunable Variant fields, in sampling order."""
+    """Valid candidate variants of ``backend``; ``fields`` are the tunable Variant fields, in sampling order;
+    ``hash`` is ``space_hash`` of the layout."""
 
     backend: str
     fields: tuple[str, ...]
     candidates: tuple[Variant, ...]
+    hash: str
 
     def __len__(self) -> int:
         return len(self.candidates)
-
-    @functools.cached_property
-    def hash(self) -> str:
-        """sha256 of the sorted candidate keys with the source hash of each rendered kernel: changes when
-        the valid points or the template change."""
-        points = sorted((v.key, source_hash(render(v))) for v in self.candidates)
-        return hashlib.sha256(json.dumps(points).encode()).hexdigest()
 
     @functools.cached_property
     def _by_key(self) -> dict[str, Variant]:
@@ -83,23 +83,40 @@ class SearchSpace:
         return self._walk(lambda field, name, choices: getattr(variant, field))[1]
 
 
+def _layout_variants(backend: str, *, dtype: str, head_dim: int, block_m: int, block_n: int) -> list[Variant]:
+    """Every ``TUNABLE`` point of ``backend`` that ``Variant`` accepts for this layout."""
+    if backend not in TUNABLE:
+        raise ValueError(f"backend: no search space for {backend!r}; known: {', '.join(TUNABLE)}")
+    variants = []
+    for values in itertools.product(*TUNABLE[backend].values()):
+        try:
+            variants.append(Variant(backend=backend, dtype=dtype, head_dim=head_dim, block_m=block_m,
+                                    block_n=block_n, **dict(zip(TUNABLE[backend], values))))
+        except ValueError:  # Variant.problems() is not empty
+            continue
+    return variants
+
+
+def _hash(variants: list[Variant]) -> str:
+    points = sorted((v.key, source_hash(render(v))) for v in variants)
+    return hashlib.sha256(json.dumps(points).encode()).hexdigest()
+
+
+def space_hash(backend: str, *, dtype: str, head_dim: int, block_m: int, block_n: int) -> str:
+    """sha256 of the sorted keys of the layout's valid variants, each with the source hash of its rendered
+    kernel. It changes when the template, the tunable values or the validity rules change, and is the same
+    on every device: the shared-memory filter of ``build_space`` is not part of it."""
+    return _hash(_layout_variants(backend, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n))
+
+
 def build_space(backend: str, *, dtype: str, head_dim: int, block_m: int, block_n: int,
                 smem_limit: int | None) -> SearchSpace:
     """All valid variants of ``backend`` for this layout whose ``smem_bytes()`` fit ``smem_limit``
-    (None: no limit, as under the interpreter). Raises ValueError if none is valid."""
-    if backend not in TUNABLE:
-        raise ValueError(f"backend: no search space for {backend!r}; known: {', '.join(TUNABLE)}")
-    fields = tuple(TUNABLE[backend])
-    candidates = []
-    for values in itertools.product(*TUNABLE[backend].values()):
-        try:
-            variant = Variant(backend=backend, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
-                              **dict(zip(fields, values)))
-        except ValueError:  # Variant.problems() is not empty
-            continue
-        if smem_limit is None or variant.smem_bytes() <= smem_limit:
-            candidates.append(variant)
+    (None: no limit, as under the interpreter). Raises EmptySpaceError if none is valid."""
+    variants = _layout_variants(backend, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
+    candidates = [v for v in variants if smem_limit is None or v.smem_bytes() <= smem_limit]
     if not candidates:
-        raise ValueError(f"no valid {backend} variant for dtype={dtype}, head_dim={head_dim}, block_m={block_m}, "
-                         f"block_n={block_n} within {smem_limit} bytes of shared memory")
-    return SearchSpace(backend, fields, tuple(candidates))
+        limit = "" if smem_limit is None else f" within {smem_limit} bytes of shared memory"
+        raise EmptySpaceError(f"no valid {backend} variant for dtype={dtype}, head_dim={head_dim}, block_m={block_m}, "
+                              f"block_n={block_n}{limit} (tunable values: {TUNABLE[backend]})")
+    return SearchSpace(backend, tuple(TUNABLE[backend]), tuple(candidates), _hash(variants))

@@ -41,9 +41,14 @@ class StorageSpec:
         return f"journal:{self.target}" if self.kind == "journal" else self.target
 
 
+def studies_dir(out: Path, device_slug: str) -> Path:
+    """``<out>/.studies/<device_slug>``: the default journals and the ``--gpus`` worker logs."""
+    return Path(out) / ".studies" / device_slug
+
+
 def default_journal(out: Path, device_slug: str, model: str) -> StorageSpec:
     """``<out>/.studies/<device_slug>/<model>.journal``."""
-    return StorageSpec("journal", str(Path(out) / ".studies" / device_slug / f"{model}.journal"))
+    return StorageSpec("journal", str(studies_dir(out, device_slug) / f"{model}.journal"))
 
 
 def parse_storage(url: str) -> StorageSpec:

@@ -1,0 +1,167 @@
+"""``fgattn-tune``: find the fastest correct gather-load kernel variant for every attention shape of a model.
+
+    fgattn-tune --model hunyuan                          # current GPU -> tuned/<gpu-slug>/hunyuan.yaml
+    fgattn-tune --model my_model.yaml --gpus 0,1,2,3     # a custom model spec, one worker per GPU
+    fgattn-tune --model wan-1.3b --interpret --trials 4  # CPU: the whole pipeline through Triton's interpreter
+
+Studies are kept in ``<out>/.studies/<gpu-slug>/<model>.journal`` (or ``--storage``): rerunning resumes them.
+Exit codes: 0 ok; 1 a (shape, density) found no correct variant, or a worker failed; 2 bad arguments,
+unknown model, malformed model spec, bad ``--storage``, or no CUDA GPU without ``--interpret`` (in these
+cases nothing is written).
+
+Nothing that defines Triton kernels is imported at the top of this module: ``--interpret`` has to put
+``TRITON_INTERPRET=1`` in the environment before kernels are decorated (see ``_use_interpreter``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+NO_CUDA = ("no CUDA GPU found; rerun with --interpret for a CPU run of the pipeline on a scaled-down shape "
+           "through Triton's interpreter")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(set(values)) != len(values) or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct indices >= 0, got {text!r}")
+    return values
+
+
+def _density_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0.0 < d <= 1.0 for d in values):
+        raise argparse.ArgumentTypeError(f"densities must be in (0, 1], got {text!r}")
+    return values
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a value > 0, got {text!r}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fgattn-tune",
+        description="Find the fastest correct gather-load kernel variant for every attention shape of a model "
+                    "and write it to OUT/<gpu-slug>/<model>.yaml.",
+        epilog="Model presets: fgattn_gen/presets/*.yaml. Storage: journal:PATH | sqlite:///PATH | "
+               "postgresql://... | mysql://... (default: a journal file under OUT/.studies/).")
+    parser.add_argument("--model", required=True, help="a preset name (e.g. hunyuan) or the path of a model spec YAML")
+    parser.add_argument("--trials", type=_positive(int), default=40,
+                        help="finished trials per (shape, density), counted over reruns and workers (default 40)")
+    parser.add_argument("--timeout", type=_positive(float), help="seconds per (shape, density) study and process")
+    parser.add_argument("--out", type=Path, default=Path("tuned"), help="output root (default tuned/)")
+    parser.add_argument("--densities", type=_density_list, help="comma-separated key densities, instead of the model's")
+    parser.add_argument("--sampler", choices=("auto", "tpe", "exhaustive"), default="auto",
+                        help="auto (default): exhaustive when the valid space has at most --exhaustive-below points "
+                             "and --trials covers it, else TPE")
+    parser.add_argument("--exhaustive-below", type=_positive(int), default=40, metavar="N",
+                        help="auto sampler enumerates spaces of at most N valid variants (default 40)")
+    parser.add_argument("--storage", help="Optuna storage URL for the studies")
+    parser.add_argument("--gpus", type=_int_list, help="comma-separated CUDA device indices, one worker process each "
+                             "(with --interpret: that many CPU worker processes)")
+    parser.add_argument("--plot", action="store_true", help="write a search-history PNG per study (needs matplotlib)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="CPU run through Triton's interpreter on a scaled-down shape (checks the pipeline)")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed (default 0); varied per --gpus worker and per resumed run")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def _use_interpreter(argv: list[str]) -> None:
+    """Set ``TRITON_INTERPRET=1``. Triton picks interpreter or compiler when a kernel is decorated, at import;
+    if Triton was already imported (``import fgattn_gen`` imports its kernels), start this command over in
+    a fresh interpreter with the variable set."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # triton_backend.interpreting(), not importable yet
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "fgattn_gen.cli", *argv])
+
+
+def _usage_error(message: str) -> int:
+    print(f"fgattn-tune: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fgattn-tune``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error
+        return int(exc.code or 0)
+    if args.interpret:
+        _use_interpreter(argv)
+
+    import torch
+
+    from .models import ModelSpecError, load_model, preset_names
+    from .tune.plot import require_matplotlib
+    from .tune.storage import StorageError, parse_storage
+
+    try:
+        model = load_model(args.model)
+        if args.storage:
+            parse_storage(args.storage)
+        if args.plot:
+            require_matplotlib()
+    except (ModelSpecError, StorageError, ImportError) as exc:
+        return _usage_error(str(exc))
+    if not args.interpret:
+        if not torch.cuda.is_available():
+            return _usage_error(NO_CUDA)
+        if args.gpus:
+            from .tune.workers import check_gpus
+
+            try:
+                check_gpus(args.gpus)
+            except ValueError as exc:
+                return _usage_error(str(exc))
+
+    from rich.console import Console
+
+    from .tune.options import TuneOptions
+    from .tune.runner import tune_model
+    from .tune.space import EmptySpaceError
+
+    options = TuneOptions(
+        model=args.model if args.model in preset_names() else str(Path(args.model).resolve()),
+        trials=args.trials, timeout=args.timeout, out=args.out, densities=args.densities, sampler=args.sampler,
+        exhaustive_below=args.exhaustive_below, storage=args.storage, gpus=args.gpus, plot=args.plot,
+        interpret=args.interpret, seed=args.seed, worker=args.worker,
+    )
+    console = Console()
+    try:
+        return tune_model(options, console)
+    except EmptySpaceError as exc:  # raised before anything is written
+        return _usage_error(f"model {model.name}: {exc}")
+    except RuntimeError as exc:  # a failed worker, or a CUDA error that poisons this process
+        console.print(f"[red]fgattn-tune: {model.name}: {exc}[/red]\nrerun the same command to resume the studies")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]fgattn-tune: interrupted[/yellow]; rerun the same command to resume the studies")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
