@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Callable, Sequence
 
 import optuna
@@ -82,6 +84,7 @@ class VariantObjective:
     def __call__(self, trial: optuna.Trial) -> float:
         variant = self.space.suggest(trial)
         trial.set_user_attr("variant", variant.key)
+        trial.set_user_attr("worker_pid", os.getpid())
         reused = self._reuse(trial, variant.key)
         if reused is not None:
             return reused

@@ -56,13 +56,16 @@ def trial_budget(trials: int, space_size: int, exhaustive: bool) -> int:
     return min(trials, space_size) if exhaustive else trials
 
 
+N_STARTUP = 4  # TPE's random start-up trials (after the enqueued default): small, as the spaces are small
+
+
 def make_sampler(exhaustive: bool, seed: int) -> optuna.samplers.BaseSampler:
     """BruteForceSampler if ``exhaustive``, else multivariate grouped TPE; seeded with ``seed``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if exhaustive:
             return optuna.samplers.BruteForceSampler(seed=seed)
-        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed)
+        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=N_STARTUP)
 
 
 def open_study(storage: optuna.storages.BaseStorage, name: str, *, exhaustive: bool, seed: int) -> optuna.Study:
