@@ -18,7 +18,7 @@ from .variant import Variant, default_variant
 @torch.library.custom_op("fgattn::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, n_kblocks: int,
                      block_m: int, block_n: int, scale: float, variant_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated inputs (see ``fgattn_gen.attention``) -> (out ``[B, H, Sq, D]`` in q's dtype, lse fp32 ``[B, H, Sq]``)."""
+    """Validated inputs (see ``fgattn_gen.attention_api.attention``) -> (out ``[B, H, Sq, D]`` in q's dtype, lse fp32 ``[B, H, Sq]``)."""
     keys = KeySet(bits, n_kblocks, block_m, block_n)
     if variant_key:
         variant = Variant.from_key(variant_key)

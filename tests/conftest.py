@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 class _PoisonTorch:
-    """Stands in for ``torch`` inside ``fgattn_gen.attention``: the buffers it allocates start as NaN."""
+    """Stands in for ``torch`` inside ``fgattn_gen.ops``: the buffers it allocates start as NaN."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -70,7 +70,7 @@ def poisoned(monkeypatch):
     kernel fails to write shows up as NaN."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("fgattn_gen.attention"), "torch", _PoisonTorch())
+    monkeypatch.setattr(importlib.import_module("fgattn_gen.ops"), "torch", _PoisonTorch())
 
 
 def compact_reference(mask: torch.Tensor, block_n: int, seq_k: int):

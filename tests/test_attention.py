@@ -50,7 +50,7 @@ CASES = [
 def test_poison_fixture_poisons(poisoned):
     import importlib
 
-    fake_torch = importlib.import_module("fgattn_gen.attention").torch
+    fake_torch = importlib.import_module("fgattn_gen.ops").torch
     assert fake_torch.empty_like(torch.zeros(3, dtype=torch.bfloat16)).isnan().all()
     assert fake_torch.empty(2, 3, dtype=torch.float32).isnan().all()
 

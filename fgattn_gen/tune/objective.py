@@ -25,7 +25,7 @@ import torch
 import triton
 from optuna.trial import TrialState
 
-from ..attention import attention
+from ..attention_api import attention
 from .space import SearchSpace
 from .study import FINISHED
 from .workload import Workload
