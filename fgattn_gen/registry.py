@@ -12,6 +12,11 @@ Lookup order for ``lookup(device=, dtype=, head_dim=, seq_q=, seq_k=, density=, 
 3. the variant most often best for this layout across entries;
 4. ``default_variant``, which exists for every layout.
 Results are cached per argument tuple (thread-safe), so a warm lookup is a dictionary hit.
+
+``registry/`` holds the rendered source of every variant the shipped tuned files name
+(``registry/<gpu-slug>/<variant-key>.py``), so a reader sees exactly the kernel that runs;
+``python -m fgattn_gen.registry`` regenerates it (``fgattn-tune`` users run it after committing new
+tuned files) and a test fails when it drifts from ``templates/``.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ import torch
 import triton
 
 from . import __version__
+from .render import render
 from .tuned import load_tuned
 from .variant import DTYPES, HOPPER_SMEM, Variant, default_variant, dtype_name
 
 SHIPPED = Path(__file__).resolve().parent.parent / "tuned"
+SOURCES = Path(__file__).resolve().parent.parent / "registry"
 
 
 @dataclass(frozen=True)
@@ -210,3 +217,36 @@ def lookup(*, device: torch.device | str, dtype: torch.dtype, head_dim: int, seq
     """
     gpu, smem = (device, HOPPER_SMEM) if isinstance(device, str) else _device_info(torch.device(device))
     return _cached_lookup(gpu, dtype_name(dtype), head_dim, seq_q, seq_k, density, block_m, block_n, smem)
+
+
+def shipped_variants() -> dict[str, set[Variant]]:
+    """GPU slug -> every variant (best and runners-up) named by the shipped ``tuned/<slug>/*.yaml``."""
+    out: dict[str, set[Variant]] = {}
+    for path in sorted(SHIPPED.glob("*/*.yaml")):
+        data = load_tuned(path)
+        for entry in data["entries"]:
+            for result in (entry["best"], *entry["runners_up"]):
+                out.setdefault(path.parent.name, set()).add(Variant(**result["params"]))
+    return out
+
+
+def expected_sources() -> dict[Path, str]:
+    """``registry/`` path -> rendered source, for every shipped variant."""
+    return {SOURCES / slug / f"{v.key}.py": render(v) for slug, variants in shipped_variants().items() for v in variants}
+
+
+def write_sources() -> list[Path]:
+    """Regenerate ``registry/`` from the shipped tuned files and ``templates/``; returns the files written."""
+    expected = expected_sources()
+    for stale in SOURCES.glob("*/*.py"):
+        if stale not in expected:
+            stale.unlink()
+    for path, text in expected.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return sorted(expected)
+
+
+if __name__ == "__main__":
+    for written in write_sources():
+        print(written.relative_to(SOURCES.parent))

@@ -1,0 +1,48 @@
+"""Warm registry lookup cost (CPU; no GPU needed): median over many calls of ``registry.lookup``.
+
+    PYTHONPATH=. python bench/bench_registry.py [--name registry_lookup]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fgattn_gen import registry
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", default="registry_lookup")
+    parser.add_argument("--calls", type=int, default=20000)
+    args = parser.parse_args(argv)
+    kwargs = dict(device="NVIDIA H200", dtype=torch.bfloat16, head_dim=128, seq_q=119056, seq_k=119056, density=0.3)
+    first = time.perf_counter()
+    registry.lookup(**kwargs)  # cold: loads and validates the shipped tuned files
+    cold_ms = (time.perf_counter() - first) * 1e3
+    samples = []
+    for _ in range(args.calls // 100):
+        start = time.perf_counter()
+        for _ in range(100):
+            registry.lookup(**kwargs)
+        samples.append((time.perf_counter() - start) / 100 * 1e6)
+    result = dict(name=args.name, cpu=platform.processor() or platform.machine(), python=platform.python_version(),
+                  date=datetime.date.today().isoformat(), cold_ms=cold_ms, warm_us_median=statistics.median(samples),
+                  warm_us_p90=sorted(samples)[int(0.9 * len(samples))], calls=args.calls)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
