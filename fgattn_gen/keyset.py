@@ -24,9 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-_BYTE_WEIGHTS = [1 << i for i in range(8)]
-
-
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -99,7 +96,7 @@ class KeySet:
             raise ValueError(f"KeySet.from_mask: mask must have at least one query and key block, got {tuple(mask.shape)}")
         n_words = _ceil_div(n_kblocks, 32)
         padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, n_words * 32 - n_kblocks))
-        weights = torch.tensor(_BYTE_WEIGHTS, dtype=torch.uint8, device=mask.device)
+        weights = (1 << torch.arange(8, dtype=torch.int32, device=mask.device)).to(torch.uint8)  # no host copy
         packed = (padded.view(*mask.shape[:3], n_words * 4, 8) * weights).sum(-1, dtype=torch.uint8)
         bits = packed.view(torch.int32).contiguous()  # little-endian: byte 0 holds key blocks 0..7
         return cls(bits=bits, n_kblocks=n_kblocks, block_m=block_m, block_n=block_n)

@@ -1,0 +1,421 @@
+"""Predictor benchmark: output error vs key density of the training-free predictors on DiT-like attention,
+beside the same predictors at 128 x 128 block granularity, and their overhead against dense SDPA (cuDNN).
+
+    PYTHONPATH=. python bench/bench_predictors.py --name predictors_h100          # GPU, a few minutes
+    PYTHONPATH=. python bench/bench_predictors.py --name predictors_cpu --cpu     # CPU smoke run (interpreter)
+
+Accuracy: DiT-like q/k/v (``fgattn_gen.ditdata``: HunyuanVideo-like 24 heads x D=128 and CogVideoX-like
+48 heads x D=64 grids). Each predictor configuration predicts a KeySet for the whole call; its density is
+that of the whole KeySet; its error is measured on a slice of ``--eval-blocks`` query blocks of 128 rows
+spread over the sequence (all heads): sparse ``fgattn_gen.attention`` (bf16 kernel) against the dense fp32
+``reference_attention``: rel_l2 = |out - ref| / |ref| over the slice, cos = mean over query rows of the
+cosine similarity. Pooled predictors always keep the text tokens (``keep_keys``).
+
+Timing (``--timing-shape``, default S = 32,760, H = 24, D = 128): medians of ``triton.testing.do_bench``
+for dense ``sdpa`` through cuDNN and each predictor call, in the same run; with --cpu, one wall-clock call
+per row on a tiny shape (it only exercises the code).
+
+Writes ``bench/results/<name>.json`` (rows as ``{"predictor", "granularity", "density", "rel_l2", "cos",
+...}``), ``<name>.md`` and ``<name>.png`` (error vs density; needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at decoration time
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from fgattn_gen import KeySet, attention, reference_attention  # noqa: E402
+from fgattn_gen.baselines import sdpa  # noqa: E402
+from fgattn_gen.ditdata import SHAPES, dit_qkv  # noqa: E402
+from fgattn_gen.predictors import exact_mask, pooled_top_p  # noqa: E402
+from fgattn_gen.predictors.block_stats import block_stat  # noqa: E402
+from fgattn_gen.predictors.dense import dense_attention_with_lse  # noqa: E402
+from fgattn_gen.predictors.pooled_top_p import _pooled_scores  # noqa: E402
+from fgattn_gen.predictors.pooling import group_mean_and_similarity  # noqa: E402
+from fgattn_gen.predictors.threshold import top_p_words  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EVAL_BLOCK = 128
+TARGET_DENSITIES = (0.1, 0.2, 0.3, 0.5)
+
+# Knob sweeps: (GPU, --cpu)
+POOLED_TOP_P = ((0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (0.5, 0.9, 0.99))
+POOLS = ((16, 32, 64, 128), (16, 128))
+GATES = ((-1.0, 0.6), (-1.0, 0.6))
+EXACT_THRESHOLDS = ((0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), (0.5, 4, 32))  # x 1/Sk
+BLOCK_THRESHOLDS = ((1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), (4, 64, 512))  # x 1/Sk, 128x128 masks
+EXACT_TOP_P = ((0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (0.7, 0.95))
+
+
+# ---------------------------------------------------------------------------------------- accuracy
+class Evaluator:
+    """Error of a KeySet's sparse output on a fixed slice of query blocks against the dense fp32 output."""
+
+    def __init__(self, q, k, v, n_blocks: int):
+        seq = q.shape[2]
+        total = -(-seq // EVAL_BLOCK)
+        blocks = sorted({round(x) for x in np.linspace(0, total - 1, min(n_blocks, total))})
+        self.rows = torch.cat([torch.arange(b * EVAL_BLOCK, min((b + 1) * EVAL_BLOCK, seq)) for b in blocks])
+        self.rows = self.rows.to(q.device)
+        self.q, self.k, self.v = q[:, :, self.rows].contiguous(), k, v
+        b, h = q.shape[:2]
+        full = KeySet.full(b, h, len(self.rows), seq, block_m=EVAL_BLOCK, device=q.device)
+        self.ref = reference_attention(self.q, k, v, full)
+
+    def __call__(self, keys: KeySet) -> dict:
+        starts = self.rows[:: keys.block_m] // keys.block_m  # the slice is whole 128-row blocks
+        sub = KeySet(keys.bits[:, :, starts].contiguous(), keys.n_kblocks, keys.block_m, keys.block_n)
+        out = attention(self.q, self.k, self.v, sub).float()
+        rel_l2 = ((out - self.ref).norm() / self.ref.norm()).item()
+        cos = torch.nn.functional.cosine_similarity(out, self.ref, dim=-1).mean().item()
+        return dict(density=keys.density(), rel_l2=rel_l2, cos=cos)
+
+
+def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log) -> list[dict]:
+    data = dit_qkv(shape_name, dtype=torch.bfloat16, device=device, seed=0)
+    q, k, v = data.q, data.k, data.v
+    shape = data.shape
+    seq = shape.seq
+    text = [shape.text_range] if shape.text_tokens else None
+    evaluate = Evaluator(q, k, v, n_blocks)
+    base = dict(shape=shape_name, heads=shape.heads, head_dim=shape.head_dim, seq=seq,
+                eval_rows=len(evaluate.rows))
+    rows = []
+
+    def record(predictor, granularity, curve, knobs, predict):
+        """Run ``predict() -> KeySet`` and evaluate it; a failing configuration is logged and skipped."""
+        try:
+            row = dict(predictor=predictor, granularity=granularity, curve=curve, knobs=knobs, **base,
+                       **evaluate(predict()))
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other configurations
+            log(f"{shape_name:14s} {curve:44s} {json.dumps(knobs):40s} FAILED {type(exc).__name__}: {str(exc)[:300]}")
+            return
+        rows.append(row)
+        log(f"{shape_name:14s} {curve:44s} {json.dumps(knobs):40s} density {row['density']:.3f} "
+            f"rel_l2 {row['rel_l2']:.4f} cos {row['cos']:.5f}")
+
+    for gate in GATES[sweep]:
+        gate_name = "off" if gate == -1.0 else gate
+        for top_p in POOLED_TOP_P[sweep]:
+            for pool in POOLS[sweep]:
+                record("pooled_top_p", "128x1", f"pooled_top_p 128x1 pool={pool} gate={gate_name}",
+                       dict(top_p=top_p, pool=pool, sim_threshold=gate),
+                       lambda: pooled_top_p(q, k, top_p=top_p, pool=pool, sim_threshold=gate, keep_keys=text))
+            record("pooled_top_p", "128x128", f"pooled_top_p 128x128 gate={gate_name}",
+                   dict(top_p=top_p, pool=128, sim_threshold=gate),
+                   lambda: pooled_top_p(q, k, top_p=top_p, block_n=128, sim_threshold=gate, keep_keys=text))
+    for top_p in POOLED_TOP_P[sweep]:
+        record("pooled_top_p", "64x1", "pooled_top_p 64x1 pool=16 gate=off",
+               dict(top_p=top_p, pool=16, sim_threshold=-1.0),
+               lambda: pooled_top_p(q, k, block_m=64, top_p=top_p, pool=16, sim_threshold=-1.0, keep_keys=text))
+        record("pooled_top_p", "128x4", "pooled_top_p 128x4 pool=16 gate=off",
+               dict(top_p=top_p, pool=16, sim_threshold=-1.0),
+               lambda: pooled_top_p(q, k, block_n=4, top_p=top_p, pool=16, sim_threshold=-1.0, keep_keys=text))
+
+    precisions = ("exact", "fp8") if torch.cuda.is_available() else ("exact",)
+    for block_m, block_n, granularity, thresholds in ((128, 1, "128x1", EXACT_THRESHOLDS),
+                                                      (64, 1, "64x1", EXACT_THRESHOLDS),
+                                                      (128, 128, "128x128", BLOCK_THRESHOLDS)):
+        for precision in precisions if granularity == "128x1" else ("exact",):
+            suffix = "" if precision == "exact" else " fp8"
+            for t in thresholds[sweep]:
+                record("exact_mask", granularity, f"exact_mask {granularity} threshold{suffix}",
+                       dict(threshold_x_sk=t, score_precision=precision),
+                       lambda: exact_mask(q, k, v, block_m=block_m, block_n=block_n, threshold=min(1.0, t / seq),
+                                          score_precision=precision)[1])
+            if block_m == 64:
+                continue
+            for top_p in EXACT_TOP_P[sweep]:
+                record("exact_mask", granularity, f"exact_mask {granularity} top_p{suffix}",
+                       dict(top_p=top_p, score_precision=precision),
+                       lambda: exact_mask(q, k, v, block_m=block_m, block_n=block_n, top_p=top_p,
+                                          score_precision=precision)[1])
+    return rows
+
+
+def error_at(points: list[tuple[float, float]], density: float) -> float:
+    """rel_l2 of a curve at ``density``: log-linear interpolation; nan outside the measured range."""
+    points = sorted(points)
+    xs = [d for d, _ in points]
+    if not xs or density < xs[0] or density > xs[-1]:
+        return float("nan")
+    return math.exp(np.interp(density, xs, [math.log(max(e, 1e-7)) for _, e in points]))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per shape and target density: every curve's interpolated error; best M x 1 (block_n = 1) over best
+    128 x 128."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        curves: dict[str, dict] = {}
+        for r in rows:
+            if r["shape"] == shape:
+                c = curves.setdefault(r["curve"], dict(predictor=r["predictor"], granularity=r["granularity"],
+                                                       points=[]))
+                c["points"].append((r["density"], r["rel_l2"]))
+        for density in TARGET_DENSITIES:
+            errors = {name: error_at(c["points"], density) for name, c in curves.items()}
+
+            def best(predictor, fine):
+                cands = [(e, n) for n, e in errors.items() if not math.isnan(e)
+                         and (predictor is None or curves[n]["predictor"] == predictor)
+                         and (curves[n]["granularity"].endswith("x1") if fine
+                              else curves[n]["granularity"] == "128x128")]
+                return min(cands) if cands else (float("nan"), None)
+
+            comparisons = {}
+            for label, fine_pred, block_pred in (("pooled M x 1 / pooled 128x128", "pooled_top_p", "pooled_top_p"),
+                                                 ("exact M x 1 / exact 128x128", "exact_mask", "exact_mask"),
+                                                 ("pooled M x 1 / exact 128x128", "pooled_top_p", "exact_mask"),
+                                                 ("exact M x 1 / pooled 128x128", "exact_mask", "pooled_top_p")):
+                (fe, fn), (be, bn) = best(fine_pred, True), best(block_pred, False)
+                comparisons[label] = dict(ratio=fe / be if be == be and fe == fe else float("nan"),
+                                          fine=fn, fine_rel_l2=fe, block=bn, block_rel_l2=be)
+            out.append(dict(shape=shape, density=density, errors=errors, comparisons=comparisons))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- timing
+def timer(cpu: bool):
+    if cpu:
+        def measure(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    else:
+        def measure(fn):
+            return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+    return measure
+
+
+def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict], dict]:
+    data = dit_qkv(shape_name, dtype=torch.bfloat16, device=device, seed=1)
+    q, k, v = data.q, data.k, data.v
+    b, h, seq, d = q.shape
+    scale = d ** -0.5
+    measure = timer(cpu)
+    rows = []
+    base = dict(shape=[b, h, seq, seq, d])
+    backend = "triton"
+
+    if cpu:
+        dense_name, dense_fn = "dense math (cpu)", lambda: dense_attention_with_lse(q, k, v, scale)
+    else:
+        dense_name, dense_fn = "sdpa-cudnn", lambda: sdpa(q, k, v, "cudnn")
+    dense_ms = measure(dense_fn)
+    rows.append(dict(what=dense_name, **base, ms=dense_ms, vs_dense=1.0))
+    log(f"timing {dense_name:64s} {dense_ms:9.3f} ms")
+
+    def record(what, fn, **extra):
+        try:
+            if not cpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = torch.cuda.memory_allocated()
+            ms = measure(fn)
+            if not cpu:
+                extra["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - start) / 2 ** 20
+        except Exception as exc:  # noqa: BLE001 - a failing configuration is reported, the run goes on
+            log(f"timing {what:64s} FAILED {type(exc).__name__}: {str(exc)[:300]}")
+            rows.append(dict(what=what, **base, failed=f"{type(exc).__name__}: {str(exc)[:300]}"))
+            return
+        rows.append(dict(what=what, **base, ms=ms, vs_dense=ms / dense_ms, **extra))
+        log(f"timing {what:64s} {ms:9.3f} ms  {100 * ms / dense_ms:7.2f} % of {dense_name}")
+
+    if not cpu:
+        record("sdpa-flash", lambda: sdpa(q, k, v, "flash"))
+    for dense_backend in ("cudnn", "flash") if not cpu else ("math",):
+        record(f"dense + LSE ({dense_backend})",
+               lambda: dense_attention_with_lse(q, k, v, scale, backend=dense_backend))
+
+    # pooled top-p: the whole predictor, then its parts on all heads at once
+    for pool in (16, 32, 64, 128):
+        record(f"pooled_top_p 128x1 pool={pool} (top_p 0.9, gate 0.6)", lambda: pooled_top_p(q, k, pool=pool),
+               predictor="pooled_top_p", granularity="128x1", pool=pool)
+    record("pooled_top_p 128x128 (top_p 0.9, gate 0.6)", lambda: pooled_top_p(q, k, block_n=128),
+           predictor="pooled_top_p", granularity="128x128", pool=128)
+    record("pooled_top_p 128x4 pool=16 (top_p 0.9, gate 0.6)", lambda: pooled_top_p(q, k, pool=16, block_n=4),
+           predictor="pooled_top_p", granularity="128x4", pool=16)
+    for pool in (32, 64):
+        record(f"pooled_top_p 128x1 pool={pool}, search_iters=8",
+               lambda: pooled_top_p(q, k, pool=pool, search_iters=8),
+               predictor="pooled_top_p", granularity="128x1", pool=pool)
+    n_qblocks = -(-seq // 128)
+    for pool in (16, 128):
+        q_mean, _ = group_mean_and_similarity(q[0], pool, backend=backend)
+        record(f"  part: pooling + similarity, pool={pool}",
+               lambda: group_mean_and_similarity(q[0], pool, backend=backend))
+        record(f"  part: pooled scores (bmm, fp32 out), pool={pool}",
+               lambda: _pooled_scores(q_mean * scale, k[0], q.dtype))
+        scores = _pooled_scores(q_mean * scale, k[0], q.dtype)
+        for warps in (None,) if cpu or pool == 16 else (None, 8, 32):
+            record(f"  part: top-p search + bits, pool={pool}, num_warps={warps or 'default'}",
+                   lambda: top_p_words(scores, 0.9, rows_per_block=128 // pool, n_blocks=n_qblocks, iters=14,
+                                       backend=backend, num_warps=warps))
+
+    # exact mask refresh pass, then its statistics pass alone under a few launch configurations
+    for precision in ("exact", "fp8"):
+        for rule_name, rule in (("threshold 0.5/Sk", {}), ("top_p 0.9", dict(top_p=0.9))):
+            record(f"exact_mask refresh 128x1 {rule_name} ({precision})",
+                   lambda: exact_mask(q, k, v, score_precision=precision, **rule),
+                   predictor="exact_mask", granularity="128x1", score_precision=precision)
+    _, lse = dense_attention_with_lse(q, k, v, scale)
+    launches = ({},) if cpu else ({}, {"pair": True}, {"num_stages": 2}, {"num_stages": 4}, {"tile_n": 64},
+                                  {"num_warps": 4}, {"pair": True, "num_stages": 4})
+    for precision, mode in (("fp8", "words"), ("exact", "words"), ("fp8", "mean")):
+        for launch in launches if mode == "words" else ({}, {"pair": True}):
+            record(f"  part: statistics pass, {mode}, {precision}, launch {json.dumps(launch)}",
+                   lambda: block_stat(q[0], k[0], lse[0], block_m=128, scale=scale, mode=mode, precision=precision,
+                                      threshold=0.5 / seq, backend=backend, launch=launch))
+
+    # checks beside the timings: LSE of the dense pass, fp8 vs exact masks
+    rows_ref = min(seq, 1024)
+    ref_lse = torch.logsumexp(q[0, :2, :rows_ref].float() @ k[0, :2].float().transpose(-1, -2) * scale, -1)
+    checks = dict(lse_max_abs_err=(lse[0, :2, :rows_ref] - ref_lse).abs().max().item())
+    for rule_name, rule in (("threshold", {}), ("top_p", dict(top_p=0.9))):
+        exact = exact_mask(q, k, v, score_precision="exact", **rule)[1]
+        fp8 = exact_mask(q, k, v, score_precision="fp8", **rule)[1]
+        differ = (exact.to_mask() != fp8.to_mask()).float().mean().item()
+        checks[f"fp8_vs_exact_{rule_name}"] = dict(density_exact=exact.density(), density_fp8=fp8.density(),
+                                                    fraction_of_bits_differing=differ)
+    log(f"checks {json.dumps(checks)}")
+    return rows, checks
+
+
+# ---------------------------------------------------------------------------------------- report
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shapes = list(dict.fromkeys(r["shape"] for r in result["accuracy"]))
+    fig, axes = plt.subplots(2, len(shapes), figsize=(7 * len(shapes), 10), squeeze=False)
+    for col, shape in enumerate(shapes):
+        for row, predictor in enumerate(("pooled_top_p", "exact_mask")):
+            ax = axes[row][col]
+            curves = {}
+            for r in result["accuracy"]:
+                if r["shape"] == shape and r["predictor"] == predictor:
+                    curves.setdefault(r["curve"], []).append((r["density"], max(r["rel_l2"], 1e-5)))
+            for name, pts in sorted(curves.items()):
+                pts.sort()
+                style = {"128x128": "--", "64x1": ":", "128x4": "-."}.get(name.split()[1], "-")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=name[len(predictor) + 1:])
+            ax.set_xscale("linear")
+            ax.set_yscale("log")
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("key density of the KeySet")
+            ax.set_ylabel("relative L2 error vs dense fp32")
+            ax.set_title(f"{predictor} on {shape}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{result['name']}: {result['device']}, {result['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# {result['name']}", "", f"Card: {result['device']}. Date: {result['date']}. Versions: "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+             "Error = sparse `attention()` output (bf16 kernel) vs dense fp32 `reference_attention` on a slice "
+             "of query blocks (all heads); density = whole KeySet. Errors at a target density are log-linear "
+             "interpolations along each curve (blank: outside the curve's range). Pooled predictors keep "
+             "the text tokens. Plot: " + f"`{result['name']}.png`.", ""]
+    for shape in dict.fromkeys(s["shape"] for s in result["summary"]):
+        lines += [f"## {shape}: best M x 1 vs best 128 x 128 at equal density", "",
+                  "| density | comparison | ratio | M x 1 curve (rel_l2) | 128 x 128 curve (rel_l2) |",
+                  "|---|---|---|---|---|"]
+        for s in result["summary"]:
+            if s["shape"] != shape:
+                continue
+            for label, c in s["comparisons"].items():
+                lines.append(f"| {s['density']} | {label} | {c['ratio']:.2f} | {c['fine']} ({c['fine_rel_l2']:.4f}) "
+                             f"| {c['block']} ({c['block_rel_l2']:.4f}) |")
+        lines += ["", f"### {shape}: rel_l2 of every curve at the target densities", "",
+                  "| curve | " + " | ".join(str(d) for d in TARGET_DENSITIES) + " |",
+                  "|---|" + "---|" * len(TARGET_DENSITIES)]
+        per = [s for s in result["summary"] if s["shape"] == shape]
+        for name in per[0]["errors"]:
+            cells = [f"{s['errors'][name]:.4f}" if s["errors"][name] == s["errors"][name] else "" for s in per]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if result["timing"]:
+        lines += ["## Overhead", "", "| what | shape [B,H,Sq,Sk,D] | ms | % of dense | extra peak MiB |",
+                  "|---|---|---|---|---|"]
+        for r in result["timing"]:
+            mib = f"{r['peak_extra_mib']:.0f}" if "peak_extra_mib" in r else ""
+            if "failed" in r:
+                lines.append(f"| {r['what']} | {r['shape']} | failed: {r['failed'][:80]} | | |")
+            else:
+                lines.append(f"| {r['what']} | {r['shape']} | {r['ms']:.3f} | {100 * r['vs_dense']:.2f} | {mib} |")
+        lines += ["", "Checks: `" + json.dumps(result["checks"]) + "`", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="predictors")
+    parser.add_argument("--cpu", action="store_true", help="CPU with Triton's interpreter, tiny shapes")
+    parser.add_argument("--shapes", nargs="+", help="accuracy shapes (fgattn_gen.ditdata.SHAPES)")
+    parser.add_argument("--timing-shape", help="shape of the overhead measurements")
+    parser.add_argument("--eval-blocks", type=int, default=16, help="128-row query blocks in the error slice")
+    parser.add_argument("--skip-timing", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print("bench_predictors: no CUDA GPU; use --cpu for the interpreter smoke run", file=sys.stderr)
+        return 2
+    device = "cpu" if args.cpu else "cuda"
+    shapes = args.shapes or (["hunyuan-cpu", "cogvideox-cpu"] if args.cpu else ["hunyuan-14k", "cogvideox-10k"])
+    timing_shape = args.timing_shape or ("hunyuan-cpu" if args.cpu else "hunyuan-32k")
+    for name in (*shapes, timing_shape):
+        if name not in SHAPES:
+            parser.error(f"unknown shape {name!r}; known: {sorted(SHAPES)}")
+
+    def log(msg):
+        print(msg, flush=True)
+
+    started = time.time()
+    accuracy = []
+    for shape in shapes:
+        accuracy += accuracy_rows(shape, device, args.eval_blocks, 1 if args.cpu else 0, log)
+        log(f"[{time.time() - started:.0f} s] accuracy done for {shape}")
+    timing, checks = ([], {}) if args.skip_timing else timing_rows(timing_shape, device, args.cpu, log)
+    result = dict(
+        name=args.name,
+        device="cpu (Triton interpreter; timings are not performance numbers)" if args.cpu
+        else torch.cuda.get_device_name(),
+        date=datetime.date.today().isoformat(),
+        versions=dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                      cudnn=str(torch.backends.cudnn.version())),
+        wall_s=round(time.time() - started, 1), accuracy=accuracy, summary=summarize(accuracy), timing=timing,
+        checks=checks,
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    if not plot(result, RESULTS / f"{args.name}.png"):
+        log("matplotlib not installed: no plot")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Training-free predictors of the keys each query block needs (they return a ``KeySet``).
+
+- ``pooled_top_p(q, k, ...)``: mean query of each pooled group, top-p over softmax(q̄ . k̄) (cheap, every step).
+- ``exact_mask(q, k, v, ...)``: one dense pass returns the output and the exact mask of its probabilities.
+- ``CachedMask``: exact masks at a few refresh steps, reused per layer and CFG branch in between.
+
+Modules: ``pooled_top_p``, ``exact_mask``, ``cached_mask`` (the predictors); ``threshold`` (top-p search by
+bisection), ``block_stats`` (exact per-block statistics of the probabilities), ``dense`` (dense pass with
+LSE), ``pooling`` (group means and self-similarity), ``always_keep`` (text ranges, local window), ``words``
+(KeySet words built on the device), ``checks`` (argument errors naming the argument).
+
+All of them run on the inputs' device without host synchronisation; the Triton kernels also run on the CPU
+under ``TRITON_INTERPRET=1``, and without it the same functions fall back to torch ops.
+"""
+
+from .cached_mask import CachedMask
+from .exact_mask import exact_mask
+from .pooled_top_p import pooled_top_p
+
+__all__ = ["CachedMask", "exact_mask", "pooled_top_p"]

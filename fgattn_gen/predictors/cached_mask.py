@@ -1,0 +1,125 @@
+"""``CachedMask``: exact masks computed at a few denoising steps and reused by the steps in between.
+
+At a refresh step a layer runs ``exact_mask`` (dense output + new KeySet); at the other steps it runs sparse
+``attention`` with the KeySet cached for that layer (and CFG branch, unless branches share one). Cached
+KeySets can be kept on the CPU (pinned, copied back asynchronously when a layer needs its mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .. import attention
+from ..keyset import KeySet
+from .exact_mask import exact_mask
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _copy_to(keys: KeySet, device: torch.device) -> KeySet:
+    """Asynchronous copy (pinned host memory when the target is the CPU and CUDA is present)."""
+    if keys.device == device:
+        return keys
+    pin = device.type == "cpu" and torch.cuda.is_available()
+    bits = torch.empty(keys.bits.shape, dtype=keys.bits.dtype, device=device, pin_memory=pin)
+    bits.copy_(keys.bits, non_blocking=True)
+    return KeySet(bits, keys.n_kblocks, keys.block_m, keys.block_n)
+
+
+@dataclass
+class _Entry:
+    keys: KeySet
+    step: int  # the step whose dense pass produced the mask
+
+
+class CachedMask:
+    """Per-layer (and per-CFG-branch) exact masks with a refresh schedule.
+
+    Args:
+        refresh_steps: denoising steps at which every layer recomputes its mask with a dense pass. A layer
+            with no cached mask yet also refreshes.
+        share_branches: one mask per layer for all CFG branches (the first branch to reach a refresh step
+            computes it).
+        offload: keep cached masks on the CPU between uses.
+        block_m, block_n, threshold, top_p, keep_keys, local_window, scale, score_precision: as in
+            ``exact_mask``; ``scale`` is also the sparse steps' softmax scale.
+
+    Use ``out = cache(q, k, v, step=s, layer=i, branch=j)`` in place of the attention call.
+    """
+
+    def __init__(self, refresh_steps: Iterable[int], *, share_branches: bool = False, offload: bool = False,
+                 block_m: int = 128, block_n: int = 1, threshold: float | None = None, top_p: float | None = None,
+                 keep_keys=None, local_window: int | None = None, scale: float | None = None,
+                 score_precision: str = "auto"):
+        steps = tuple(refresh_steps) if isinstance(refresh_steps, Iterable) else None
+        if not steps or not all(_is_int(s) and s >= 0 for s in steps):
+            raise ValueError(f"refresh_steps: expected a non-empty collection of step numbers >= 0, "
+                             f"got {refresh_steps!r}")
+        self.refresh_steps = frozenset(steps)
+        self.share_branches = bool(share_branches)
+        self.offload_masks = bool(offload)
+        self.scale = scale
+        self.mask_options = dict(block_m=block_m, block_n=block_n, threshold=threshold, top_p=top_p,
+                                 keep_keys=keep_keys, local_window=local_window, scale=scale,
+                                 score_precision=score_precision)
+        self._entries: dict[tuple[int, int], _Entry] = {}
+
+    def _slot(self, layer: int, branch: int) -> tuple[int, int]:
+        if not _is_int(layer) or not _is_int(branch):
+            raise TypeError(f"layer, branch: expected ints, got {layer!r}, {branch!r}")
+        return layer, 0 if self.share_branches else branch
+
+    def needs_refresh(self, step: int, layer: int, branch: int = 0) -> bool:
+        """Whether ``cache(..., step=step, layer=layer, branch=branch)`` runs the dense refresh pass."""
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"step: expected a step number >= 0, got {step!r}")
+        entry = self._entries.get(self._slot(layer, branch))
+        return entry is None or (step in self.refresh_steps and entry.step != step)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, step: int, layer: int,
+                 branch: int = 0) -> torch.Tensor:
+        """Attention output ``[B, H, Sq, D]`` (dense at a refresh, sparse with the cached mask otherwise)."""
+        slot = self._slot(layer, branch)
+        if self.needs_refresh(step, layer, branch):
+            out, keys = exact_mask(q, k, v, **self.mask_options)
+            self._entries[slot] = _Entry(_copy_to(keys, torch.device("cpu")) if self.offload_masks else keys, step)
+            return out
+        return attention(q, k, v, _copy_to(self._entries[slot].keys, q.device), scale=self.scale)
+
+    def keys(self, layer: int, branch: int = 0) -> KeySet | None:
+        """The cached KeySet of a layer (and branch), wherever it lives, or None."""
+        entry = self._entries.get(self._slot(layer, branch))
+        return entry.keys if entry is not None else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all cached KeySets."""
+        return sum(e.keys.nbytes for e in self._entries.values())
+
+    def memory_report(self) -> dict:
+        """``{"masks": n, "bytes": total, "bytes_by_device": {device: bytes}}`` of the cached KeySets."""
+        by_device: dict[str, int] = {}
+        for e in self._entries.values():
+            by_device[str(e.keys.device)] = by_device.get(str(e.keys.device), 0) + e.keys.nbytes
+        return {"masks": len(self._entries), "bytes": self.nbytes, "bytes_by_device": by_device}
+
+    def offload(self) -> None:
+        """Move every cached KeySet to the CPU; later ones go there too."""
+        self.offload_masks = True
+        for e in self._entries.values():
+            e.keys = _copy_to(e.keys, torch.device("cpu"))
+
+    def restore(self, device: torch.device | str) -> None:
+        """Move every cached KeySet to ``device``; later ones stay on the inputs' device."""
+        self.offload_masks = False
+        for e in self._entries.values():
+            e.keys = _copy_to(e.keys, torch.device(device))
+
+    def clear(self) -> None:
+        """Forget every cached mask (the next call of each layer refreshes)."""
+        self._entries.clear()

@@ -1,0 +1,102 @@
+"""Predictor 1, training-free: pooled-query top-p.
+
+For every pooled query group (``pool`` consecutive queries, a divisor of the kernel's ``block_m``) the mean
+query q̄ scores every key group (``block_n`` consecutive keys, pooled to their mean key k̄; a single key when
+``block_n == 1``) with ``softmax(scale * q̄ . k̄)``, and keeps the smallest set of key groups whose mass
+reaches ``top_p`` (``threshold.top_p_words``). A kernel query block keeps the union of its groups' keys.
+A group whose queries are not similar to their mean (mean cosine similarity below ``sim_threshold``) cannot
+be represented by q̄: its block keeps every key. With ``block_n = 128`` and ``pool = 128`` this is the
+128 x 128 block predictor of SpargeAttn (pooled q̄ and k̄, top-p over blocks).
+
+Everything runs on the inputs' device with no host synchronisation, a chunk of heads at a time so that the
+fp32 score matrix ``[heads, ceil(Sq / pool), ceil(Sk / block_n)]`` stays under ``workspace_budget()``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..compaction import workspace_budget
+from ..keyset import KeySet
+from . import checks
+from .always_keep import always_keep_words
+from .pooling import group_mean, group_mean_and_similarity
+from .threshold import keeps_every_key, top_p_words
+from .words import full_bits, full_row_words
+
+
+def _pooled_scores(q_mean: torch.Tensor, k_mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``[n, Gq, Gk]`` = q_mean @ k_mean^T, in the inputs' dtype (fp32 accumulation) on CUDA."""
+    if q_mean.is_cuda and dtype != torch.float32:
+        return torch.bmm(q_mean.to(dtype), k_mean.to(dtype).transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q_mean.float(), k_mean.float().transpose(1, 2))
+
+
+def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, pool: int, block_n: int) -> int:
+    n_pool, n_kblocks = -(-seq_q // pool), -(-seq_k // block_n)
+    per_head = 4 * (n_pool * n_kblocks + 3 * seq_q * d + (3 * seq_k * d if block_n > 1 else 0))
+    return max(1, min(heads, workspace_budget() // per_head))
+
+
+def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: int = 1, top_p: float = 0.9,
+                 sim_threshold: float = 0.6, pool: int | None = None,
+                 keep_keys: tuple[int, int] | list[tuple[int, int]] | None = None,
+                 local_window: int | None = None, scale: float | None = None, search_iters: int = 14,
+                 backend: str | None = None) -> KeySet:
+    """Predict each query block's keys from pooled queries (see the module docstring).
+
+    Args:
+        q: ``[B, H, Sq, D]``; k: ``[B, H, Sk, D]``; bf16, fp16 or fp32, same device, last dim contiguous.
+        block_m: queries per KeySet query block (the kernel's).
+        block_n: keys per key group; groups are scored by their mean key.
+        top_p: probability mass to keep per pooled query group, in (0, 1]; 1 keeps every key.
+        sim_threshold: in [-1, 1]; a group whose mean cosine similarity to q̄ is below it keeps every key
+            (-1 turns the gate off).
+        pool: queries per pooled group, a divisor of ``block_m`` (default ``block_m``).
+        keep_keys: key token range ``(start, end)`` (end exclusive), or a list of them, that every block
+            keeps (e.g. the text tokens of joint attention).
+        local_window: None, or w: query block ``[qs, qe)`` also keeps the keys in ``[qs - w, qe + w)``.
+        scale: softmax scale of the pooled scores, default ``D ** -0.5``.
+        search_iters: bisection steps of the top-p threshold search (``threshold`` module).
+        backend: ``"triton"`` (CUDA, or CPU with TRITON_INTERPRET=1), ``"torch"``, or None (Triton when it
+            can run, else torch).
+    Returns:
+        KeySet ``[B, H, ceil(Sq / block_m), ceil(Sk / block_n)]`` on q's device.
+    """
+    checks.check_tensors(q=q, k=k)
+    block_m = checks.check_positive_int(block_m, "block_m")
+    block_n = checks.check_positive_int(block_n, "block_n")
+    top_p = checks.check_top_p(top_p)
+    sim_threshold = checks.check_sim_threshold(sim_threshold)
+    pool = checks.check_pool(pool, block_m)
+    search_iters = checks.check_search_iters(search_iters)
+    backend = checks.resolve_backend(backend, q.device)
+    b, h, seq_q, d = q.shape
+    seq_k = k.shape[2]
+    keep_keys = checks.check_keep_keys(keep_keys, seq_k)
+    local_window = checks.check_local_window(local_window)
+    scale = checks.check_scale(scale, d)
+    n_qblocks, n_kblocks = -(-seq_q // block_m), -(-seq_k // block_n)
+    if keeps_every_key(top_p):
+        return KeySet(full_bits(b, h, n_qblocks, n_kblocks, q.device), n_kblocks, block_m, block_n)
+    groups_per_block = block_m // pool
+    bits = torch.empty(b, h, n_qblocks, -(-n_kblocks // 32), dtype=torch.int32, device=q.device)
+    full_row = full_row_words(n_kblocks, q.device)
+    chunk = _heads_per_chunk(h, seq_q, seq_k, d, pool, block_n)
+    for bi in range(b):
+        for h0 in range(0, h, chunk):
+            heads = slice(h0, min(h, h0 + chunk))
+            q_mean, similarity = group_mean_and_similarity(q[bi, heads], pool, backend=backend)
+            k_mean = k[bi, heads] if block_n == 1 else group_mean(k[bi, heads], block_n, backend=backend)
+            scores = _pooled_scores(q_mean * scale, k_mean, q.dtype)
+            words = top_p_words(scores, top_p, rows_per_block=groups_per_block, n_blocks=n_qblocks,
+                                iters=search_iters, backend=backend)
+            dissimilar = torch.nn.functional.pad(similarity < sim_threshold,
+                                                 (0, n_qblocks * groups_per_block - similarity.shape[-1]))
+            gate = dissimilar.view(-1, n_qblocks, groups_per_block).any(-1)
+            bits[bi, heads] = torch.where(gate[..., None], full_row, words)
+    extra = always_keep_words(seq_q=seq_q, seq_k=seq_k, block_m=block_m, block_n=block_n, keep_keys=keep_keys,
+                              local_window=local_window, device=q.device)
+    if extra is not None:
+        bits |= extra
+    return KeySet(bits, n_kblocks, block_m, block_n)
