@@ -90,7 +90,6 @@ def bench_shape(shape, densities, variants, dtype, rows, log):
                 log(f"fgattn-triton {variant.key}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
                 continue
             record("fgattn-triton", density, ms, variant=variant.key, rel_l2=err, key_density=real_density)
-        del mask, keys
 
 
 def markdown(result: dict) -> str:

@@ -34,32 +34,6 @@ _MODE = {"max": 0, "mean": 1, "words": 2}
 
 
 @triton.jit
-def _to_fp8_kernel(X, OUT, SHIFT, INV_SCALE, ROW_SCALE, VEC, ROW_DOT, stride_xn, stride_xs, seq,
-                   HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, PER_ROW: tl.constexpr):
-    """X [n, S, D] -> OUT e4m3 [n, S, D] (contiguous), one read of X. Program (row tile, n).
-
-    PER_ROW False (keys): OUT = (X - SHIFT[n]) * INV_SCALE[n].
-    PER_ROW True (queries): ROW_SCALE[n, r] = max_d |X[r, d]| / 448, OUT = X / ROW_SCALE, ROW_DOT = X . VEC[n].
-    """
-    n = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = rows < seq
-    offs_d = tl.arange(0, HEAD_DIM)
-    x = tl.load(X + n * stride_xn + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :], mask=ok[:, None],
-                other=0.0).to(tl.float32)
-    if PER_ROW:
-        row_scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-30) / 448.0
-        y = x * (1.0 / row_scale)[:, None]
-        tl.store(ROW_SCALE + n * seq + rows, row_scale, mask=ok)
-        vec = tl.load(VEC + n * HEAD_DIM + offs_d)
-        tl.store(ROW_DOT + n * seq + rows, tl.sum(x * vec[None, :], 1), mask=ok)
-    else:
-        y = (x - tl.load(SHIFT + n * HEAD_DIM + offs_d)[None, :]) * tl.load(INV_SCALE + n)
-    tl.store(OUT + (n * seq + rows[:, None]) * HEAD_DIM + offs_d[None, :], y.to(OUT.dtype.element_ty),
-             mask=ok[:, None])
-
-
-@triton.jit
 def _load_queries(q_head, lse_head, qscale_head, stride_qs, stride_fs, qb, sub, seq_q, block_m,
                   HEAD_DIM: tl.constexpr, TILE_M: tl.constexpr, DOT_FP32: tl.constexpr):
     """Rows sub*TILE_M .. +TILE_M of query block qb, their LSE in log2 units (+inf on rows outside) and their
@@ -165,32 +139,17 @@ def _key_fp8_scale(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean_k, bound.clamp_min(1e-30) / _FP8_MAX
 
 
-def _fp8_operands(q, k, lse, scale, use_kernel: bool):
+def _fp8_operands(q, k, lse, scale):
     """fp8 operands of q k^T: q scaled per row, k centred (minus its mean key: each row's scores shift by
     q_i . mean, which the returned LSE absorbs) and scaled per head. Returns (q8, k8, shifted lse fp32
-    [n, Sq], per-row score scale fp32 [n, Sq] in log2 units per unit of q8.k8). ``use_kernel``: one Triton
-    pass per operand (GPU), else torch ops with the same arithmetic."""
-    n, seq_q, d = q.shape
-    seq_k = k.shape[1]
+    [n, Sq], per-row score scale fp32 [n, Sq] in log2 units per unit of q8.k8). torch ops: their e4m3
+    rounding is right on every device (Triton's interpreter rounds fp32 -> e4m3 wrongly)."""
     mean_k, k_scale = _key_fp8_scale(k)
-    if use_kernel:
-        q8 = torch.empty(n, seq_q, d, dtype=_FP8, device=q.device)
-        k8 = torch.empty(n, seq_k, d, dtype=_FP8, device=q.device)
-        q_scale = torch.empty(n, seq_q, dtype=torch.float32, device=q.device)
-        q_dot_mean = torch.empty(n, seq_q, dtype=torch.float32, device=q.device)
-        block_r = 64
-        _to_fp8_kernel[(triton.cdiv(seq_k, block_r), n)](k, k8, mean_k, 1.0 / k_scale, k8, k8, k8, k.stride(0),
-                                                         k.stride(1), seq_k, HEAD_DIM=d, BLOCK_R=block_r,
-                                                         PER_ROW=False, num_warps=4)
-        _to_fp8_kernel[(triton.cdiv(seq_q, block_r), n)](q, q8, q8, q8, q_scale, mean_k, q_dot_mean, q.stride(0),
-                                                         q.stride(1), seq_q, HEAD_DIM=d, BLOCK_R=block_r,
-                                                         PER_ROW=True, num_warps=4)
-    else:
-        qf = q.float()
-        q_scale = qf.abs().amax(-1).clamp_min(1e-30) / _FP8_MAX
-        q8 = (qf * (1.0 / q_scale)[..., None]).to(_FP8)
-        k8 = ((k.float() - mean_k[:, None, :]) * (1.0 / k_scale)[:, None, None]).to(_FP8)
-        q_dot_mean = (qf * mean_k[:, None, :]).sum(-1)
+    qf = q.float()
+    q_scale = qf.abs().amax(-1).clamp_min(1e-30) / _FP8_MAX
+    q8 = (qf * (1.0 / q_scale)[..., None]).to(_FP8)
+    k8 = ((k.float() - mean_k[:, None, :]) * (1.0 / k_scale)[:, None, None]).to(_FP8)
+    q_dot_mean = (qf * mean_k[:, None, :]).sum(-1)
     shifted_lse = lse - scale * q_dot_mean
     return q8, k8, shifted_lse, q_scale * (k_scale * (scale * _LOG2E))[:, None]
 
@@ -200,8 +159,8 @@ def _block_stat_triton(q, k, lse, *, block_m, scale, mode, precision, threshold,
     seq_k = k.shape[1]
     n_qblocks = triton.cdiv(seq_q, block_m)
     interp = interpreting()
-    if precision == "fp8":  # the interpreter rounds fp32 -> e4m3 wrongly (a carry into the exponent is lost)
-        q, k, lse, qscale = _fp8_operands(q, k, lse, scale, use_kernel=not interp)
+    if precision == "fp8":
+        q, k, lse, qscale = _fp8_operands(q, k, lse, scale)
     else:
         qscale = torch.full((1, 1), scale * _LOG2E, dtype=torch.float32, device=q.device).expand(n, seq_q)
     if mode == "words":
@@ -229,7 +188,7 @@ def _block_stat_triton(q, k, lse, *, block_m, scale, mode, precision, threshold,
 
 def _block_stat_torch(q, k, lse, *, block_m, scale, mode, precision, threshold):
     if precision == "fp8":
-        q8, k8, lse, qscale = _fp8_operands(q, k, lse, scale, use_kernel=False)
+        q8, k8, lse, qscale = _fp8_operands(q, k, lse, scale)
         logp = torch.bmm(q8.float(), k8.float().transpose(1, 2)) * (qscale * _LN2)[..., None]
     else:
         logp = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale
