@@ -26,14 +26,34 @@ def check_variant_fits(variant: Variant, q: torch.Tensor, keys: KeySet, backend:
                          + ", ".join(f"{n}={v}" for n, v in wrong.items()) + ")")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, *, scale: float | None = None,
-              backend: str | None = None, variant: Variant | None = None, return_lse: bool = False):
+PREDICTORS = ("pooled_top_p",)
+
+
+def predict_keys(q: torch.Tensor, k: torch.Tensor, predictor) -> KeySet:
+    """KeySet from ``predictor``: a callable ``(q, k) -> KeySet`` or a predictor name (default settings)."""
+    if predictor == "pooled_top_p":
+        from .predictors import pooled_top_p
+        predictor = pooled_top_p
+    elif not callable(predictor):
+        raise ValueError(f"predictor: expected a callable (q, k) -> KeySet or one of {PREDICTORS}, got {predictor!r}")
+    keys = predictor(q, k)
+    if not isinstance(keys, KeySet):
+        raise TypeError(f"predictor: returned {type(keys).__name__}, expected a fgattn_gen.KeySet")
+    return keys
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | None = None, *, predictor=None,
+              scale: float | None = None, backend: str | None = None, variant: Variant | None = None,
+              return_lse: bool = False):
     """Fine-grained sparse attention: each query block attends only to its selected keys.
 
     Args:
         q: ``[B, H, Sq, D]`` bf16/fp16; k, v: ``[B, H, Sk, D]``, same dtype and device. Any strides with
             a contiguous last dim; Sq may differ from Sk; D in {64, 128}.
-        keys: KeySet ``[B, H, ceil(Sq/block_m), ceil(Sk/block_n)]`` on the same device.
+        keys: KeySet ``[B, H, ceil(Sq/block_m), ceil(Sk/block_n)]`` on the same device; or None with
+            ``predictor``.
+        predictor: predicts ``keys`` first: ``"pooled_top_p"`` (default settings) or a callable
+            ``(q, k) -> KeySet``, e.g. ``functools.partial(predictors.pooled_top_p, top_p=0.95, pool=32)``.
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"triton"``, ``"reference"`` (fp32 math, any device) or None (best available).
         variant: run this kernel variant instead of the one the registry (``fgattn_gen.registry``) picks.
@@ -42,6 +62,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, *
         out ``[B, H, Sq, D]`` in q's dtype, and with ``return_lse`` lse fp32 ``[B, H, Sq]``. A query block
         with no selected key gets zeros and LSE = -inf.
     """
+    if (keys is None) == (predictor is None):
+        raise ValueError("keys: pass either keys (a KeySet) or predictor=, not both and not neither")
+    if predictor is not None:
+        keys = predict_keys(q, k, predictor)
     scale = check_attention_inputs(q, k, v, keys, scale)
     if backend not in (None, *BACKENDS):
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")

@@ -223,3 +223,22 @@ def test_tolerances_catch_real_bugs(gen, device, dtype, atol, rtol):
     dropped = mask.scatter(-1, last, False)  # drop the last selected key block of every query block
     wrong_keys = reference_attention(q, k, v, KeySet.from_mask(dropped, block_m=16, block_n=16))
     assert not torch.allclose(out, wrong_keys, atol=atol, rtol=rtol)
+
+
+def test_predictor_argument(gen, device):
+    from functools import partial
+
+    from fgattn_gen import predictors
+
+    q, k, v = (torch.randn(1, 2, 150, 64, generator=gen).to(device, torch.float16) for _ in range(3))
+    for predictor in ("pooled_top_p", partial(predictors.pooled_top_p, block_m=32, top_p=0.8)):
+        keys = predictors.pooled_top_p(q, k) if predictor == "pooled_top_p" else predictor(q, k)
+        torch.testing.assert_close(attention(q, k, v, predictor=predictor), attention(q, k, v, keys), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="^keys: pass either"):
+        attention(q, k, v)
+    with pytest.raises(ValueError, match="^keys: pass either"):
+        attention(q, k, v, keys, predictor="pooled_top_p")
+    with pytest.raises(ValueError, match="^predictor: expected"):
+        attention(q, k, v, predictor="magic")
+    with pytest.raises(TypeError, match="^predictor: returned"):
+        attention(q, k, v, predictor=lambda q, k: None)
