@@ -29,9 +29,7 @@ if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at dec
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -39,10 +37,10 @@ import triton.testing  # noqa: E402
 
 import fgattn_gen  # noqa: E402
 from fgattn_gen import attention  # noqa: E402
+from benchlib import timer, write_results  # noqa: E402
 from fgattn_gen.ditdata import SHAPES, DitShape, dit_qkv  # noqa: E402
 from fgattn_gen.predictors import exact_mask, pooled_top_p  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SHAPES = {
     "hunyuan-720p": SHAPES["hunyuan-720p"],
     "wan14b-720p": DitShape("wan14b-720p", 21, 45, 80, 0, 40, 128),
@@ -51,19 +49,6 @@ CPU_SHAPES = {
     "hunyuan-cpu": SHAPES["hunyuan-cpu"],
     "wan-cpu": DitShape("wan-cpu", 3, 8, 12, 0, 4, 128),
 }
-
-
-def timer(cpu: bool):
-    """fn -> milliseconds: do_bench median on the GPU, one wall-clock call on the CPU."""
-    if cpu:
-        def measure(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-    else:
-        def measure(fn):
-            return triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median")
-    return measure
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor, heads_per_chunk: int = 4) -> float:
@@ -95,7 +80,7 @@ def bench_shape(shape: DitShape, *, layout: str, cpu: bool, log) -> list[dict]:
     text = shape.text_range if shape.text_tokens else None
     b, h, seq, d = q.shape
     base = dict(shape=shape.name, dims=[b, h, seq, d], layout=layout)
-    measure = timer(cpu)
+    measure = timer(cpu, warmup_ms=100, rep_ms=1000)
     sdpa = dense_sdpa(cpu)
     ref = sdpa(q, k, v)
     sdpa_ms = measure(lambda: sdpa(q, k, v))
@@ -179,10 +164,7 @@ def main(argv=None) -> int:
                       cuda=torch.version.cuda, cudnn=str(torch.backends.cudnn.version())),
         wall_s=round(time.time() - started, 1), rows=rows,
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.name, result, markdown(result))
     return 0
 
 

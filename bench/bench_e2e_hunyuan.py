@@ -36,10 +36,8 @@ if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at dec
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
@@ -49,9 +47,9 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: E
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import fgattn_gen  # noqa: E402
+from benchlib import write_results  # noqa: E402
 from fgattn_gen.integrations import SparseSelfAttention, install  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FULL_LAYERS = (20, 40)  # dual-stream, single-stream blocks of the released model
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -288,10 +286,7 @@ def main(argv=None) -> int:
                       densities=args.densities, attn_reps=args.attn_reps, seed=args.seed),
         wall_s=round(time.time() - started, 1), rows=rows,
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.name, result, markdown(result))
     return 0
 
 

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+from benchlib import RESULTS, timer, write_results  # noqa: E402
 from fgattn_gen import KeySet, attention, reference_attention  # noqa: E402
 from fgattn_gen.baselines import sdpa  # noqa: E402
 from fgattn_gen.ditdata import SHAPES, dit_qkv  # noqa: E402
@@ -49,7 +50,6 @@ from fgattn_gen.predictors.pooled_top_p import _pooled_scores  # noqa: E402
 from fgattn_gen.predictors.pooling import group_mean_and_similarity  # noqa: E402
 from fgattn_gen.predictors.threshold import top_p_words  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 EVAL_BLOCK = 128
 TARGET_DENSITIES = (0.1, 0.2, 0.3, 0.5)
 
@@ -191,18 +191,6 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- timing
-def timer(cpu: bool):
-    if cpu:
-        def measure(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-    else:
-        def measure(fn):
-            return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
-    return measure
-
-
 def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict], dict]:
     data = dit_qkv(shape_name, dtype=torch.bfloat16, device=device, seed=1)
     q, k, v = data.q, data.k, data.v
@@ -408,12 +396,9 @@ def main(argv=None) -> int:
         wall_s=round(time.time() - started, 1), accuracy=accuracy, summary=summarize(accuracy), timing=timing,
         checks=checks,
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    write_results(args.name, result, markdown(result))
     if not plot(result, RESULTS / f"{args.name}.png"):
         log("matplotlib not installed: no plot")
-    print(markdown(result))
     return 0
 
 

@@ -1,0 +1,34 @@
+"""Helpers the benchmark scripts share: a timer and the results writer (bench/results/<name>.json + .md)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import triton.testing
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timer(cpu: bool, *, warmup_ms: float = 25, rep_ms: float = 150) -> Callable[[Callable[[], object]], float]:
+    """fn -> milliseconds: do_bench median on the GPU; one wall-clock call on the CPU (interpreter smoke runs)."""
+    if cpu:
+        def measure(fn):
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+    else:
+        def measure(fn):
+            return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return measure
+
+
+def write_results(name: str, result: dict, table: str) -> Path:
+    """Write ``result`` as JSON and ``table`` as Markdown under bench/results/; print the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)
+    return RESULTS / f"{name}.md"
