@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
-from pathlib import Path
 
 import torch
 import triton
@@ -24,9 +22,9 @@ import triton.testing
 
 from fgattn_gen import KeySet, Variant, attention, reference_attention
 from fgattn_gen.baselines import flex_block, flex_block_mask, sdpa
+from benchlib import write_results
 from fgattn_gen.synthetic import local_block_mask
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK_M, BLOCK_N = 128, 1
 
 
@@ -139,11 +137,7 @@ def main(argv=None) -> int:
                       cudnn=str(torch.backends.cudnn.version())),
         rows=rows,
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    (RESULTS / f"{args.name}.md").write_text(table)
-    print(table)
+    write_results(args.name, result, markdown(result))
     return 0
 
 

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from benchlib import write_results
 from fgattn_gen import registry
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> int:
@@ -38,9 +36,7 @@ def main(argv=None) -> int:
     result = dict(name=args.name, cpu=platform.processor() or platform.machine(), python=platform.python_version(),
                   date=datetime.date.today().isoformat(), cold_ms=cold_ms, warm_us_median=statistics.median(samples),
                   warm_us_p90=sorted(samples)[int(0.9 * len(samples))], calls=args.calls)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    write_results(args.name, result, "\n".join(f"- {k}: {v}" for k, v in result.items()) + "\n")
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import subprocess
 import sys
@@ -25,7 +24,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchlib import write_results
+
 
 
 def tune_argv(model: str, density: float, out: Path, *extra: str) -> list[str]:
@@ -94,8 +94,6 @@ def main(argv=None) -> int:
         two_workers=dict(finished_trials=len(shared.trials), measured=len(runs),
                          measured_per_worker=sorted(per_worker.values()), variants_measured_twice=repeated),
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# {args.name}", "", f"Card: {result['device']}. Date: {result['date']}. torch {torch.__version__}, "
              f"optuna {optuna.__version__}. Model {args.model}, density {args.density}.", "",
              f"Exhaustive: {n_space} variants, best {best:.4f} ms ({result['exhaustive']['best_variant']}).", "",
@@ -104,8 +102,7 @@ def main(argv=None) -> int:
     lines += [f"| {r['seed']} | {r['best_ms']:.4f} | {r['best_variant']} | {r['gap_pct']:+.2f} % |" for r in tpe]
     lines += ["", f"Two fgattn-tune processes on one study (one GPU, shared `--storage journal:`): {len(shared.trials)} trials, {len(runs)} measured, "
               f"per worker {sorted(per_worker.values())}, variants measured twice: {repeated or 'none'}."]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.name, result, "\n".join(lines) + "\n")
     return 0
 
 

@@ -35,6 +35,7 @@ import triton
 
 from . import __version__
 from .render import render
+from .tune.device import gpu_slug
 from .tuned import load_tuned
 from .variant import DTYPES, HOPPER_SMEM, Variant, default_variant, dtype_name
 
@@ -59,12 +60,6 @@ class TunedChoice:
 
 def _minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
-
-
-def gpu_slug(name: str) -> str:
-    """``"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"`` (the tuned/ directory name)."""
-    from .tune.device import gpu_slug as slug
-    return slug(name)
 
 
 def _space_hash(backend: str, dtype: str, head_dim: int, block_m: int, block_n: int) -> str:

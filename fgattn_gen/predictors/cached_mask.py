@@ -14,11 +14,8 @@ import torch
 
 from .. import attention
 from ..keyset import KeySet
+from .checks import _is_int
 from .exact_mask import exact_mask
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _copy_to(keys: KeySet, device: torch.device) -> KeySet:
