@@ -249,10 +249,11 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
         record(f"  part: pooling + similarity, pool={pool}",
                lambda: group_mean_and_similarity(q[0], pool, backend=backend))
         record(f"  part: pooled scores (bmm, fp32 out), pool={pool}",
-               lambda: _pooled_scores(q_mean * scale, k[0], q.dtype))
-        scores = _pooled_scores(q_mean * scale, k[0], q.dtype)
+               lambda: _pooled_scores(q_mean, k[0], scale, q.dtype))
+        scores = _pooled_scores(q_mean, k[0], scale, q.dtype)
         for warps in (None,) if cpu or pool == 16 else (None, 8, 32):
-            record(f"  part: top-p search + bits, pool={pool}, num_warps={warps or 'default'}",
+            kernel = "CUDA kernel" if warps is None and not cpu else f"Triton num_warps={warps or 'default'}"
+            record(f"  part: top-p search + bits, pool={pool}, {kernel}",
                    lambda: top_p_words(scores, 0.9, rows_per_block=128 // pool, n_blocks=n_qblocks, iters=14,
                                        backend=backend, num_warps=warps))
 
@@ -264,7 +265,7 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
                    predictor="exact_mask", granularity="128x1", score_precision=precision)
     _, lse = dense_attention_with_lse(q, k, v, scale)
     launches = ({},) if cpu else ({}, {"pair": True}, {"num_stages": 2}, {"num_stages": 4}, {"tile_n": 64},
-                                  {"num_warps": 4}, {"pair": True, "num_stages": 4})
+                                  {"tile_n": 128}, {"num_warps": 4}, {"num_warps": 8})
     for precision, mode in (("fp8", "words"), ("exact", "words"), ("fp8", "mean")):
         for launch in launches if mode == "words" else ({}, {"pair": True}):
             record(f"  part: statistics pass, {mode}, {precision}, launch {json.dumps(launch)}",

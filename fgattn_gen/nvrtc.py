@@ -1,6 +1,6 @@
 """Compile CUDA source to a cubin with NVRTC (cuda-python), cache it on disk, launch it on torch's stream.
 
-Cache key: source hash, NVRTC version, target arch and options; entries live under
+Cache key: source hash (and the named headers passed with it), NVRTC version, target arch and options; entries live under
 ``<cache>/cuda/<name>-<key>.cubin``, written under a file lock and renamed into place, so concurrent
 processes neither race nor see a partial cubin. A compile failure raises with NVRTC's log.
 """
@@ -46,11 +46,17 @@ def arch_of(device: torch.device) -> str:
     return f"sm_{major}{minor}{'a' if major == 9 else ''}"
 
 
-def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
-    """NVRTC ``source`` for ``arch``; returns the cubin (cached on disk)."""
+def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = (),
+                  headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """NVRTC ``source`` for ``arch``; returns the cubin (cached on disk).
+
+    ``headers``: ``(include name, text)`` pairs that ``#include "name"`` resolves to (no include path is
+    searched for them); their text is part of the cache key.
+    """
     nvrtc = _nvrtc()
     opts = (f"--gpu-architecture={arch}", "-std=c++17", *options)
-    key = hashlib.sha256("\0".join((source, nvrtc_version(), *opts)).encode()).hexdigest()[:16]
+    header_parts = tuple(part for name_text in headers for part in name_text)
+    key = hashlib.sha256("\0".join((source, nvrtc_version(), *opts, "headers", *header_parts)).encode()).hexdigest()[:16]
     path = cache_dir() / "cuda" / f"{name}-{key}.cubin"
     if path.exists():
         return path.read_bytes()
@@ -59,8 +65,9 @@ def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():  # another process built it while we waited
             return path.read_bytes()
-        prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
-                      "nvrtcCreateProgram")
+        prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), len(headers),
+                                               [text.encode() for _, text in headers],
+                                               [inc.encode() for inc, _ in headers]), "nvrtcCreateProgram")
         try:
             (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
             if int(err) != 0:
@@ -80,7 +87,8 @@ def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = 
 
 
 class CudaKernel:
-    """A loaded ``extern "C"`` kernel; ``kernel(grid, block, *args)`` launches on torch's current stream."""
+    """A loaded ``extern "C"`` kernel; ``kernel(grid, block, *args)`` launches on torch's current stream
+    (tensors pass as pointers, Python floats as ``float``, anything else as ``int``)."""
 
     def __init__(self, cubin: bytes, name: str, device: torch.device):
         from cuda.bindings import driver
@@ -91,17 +99,30 @@ class CudaKernel:
             self._module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
             self._function = _check(driver.cuModuleGetFunction(self._module, name.encode()), "cuModuleGetFunction")
 
-    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], *args) -> None:
+    def set_max_dynamic_smem(self, nbytes: int) -> None:
+        """Allow launches with ``nbytes`` of dynamic shared memory (needed above 48 KB)."""
+        attr = self._driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        _check(self._driver.cuFuncSetAttribute(self._function, attr, nbytes), "cuFuncSetAttribute")
+
+    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], *args, shared_mem: int = 0) -> None:
+        """Arguments: a tensor passes its data pointer, a ctypes scalar (``ctypes.c_longlong(x)``) its own
+        type, a float a C float, any other int a C int."""
         values, types = [], []
         for a in args:
             if isinstance(a, torch.Tensor):
                 values.append(a.data_ptr())
                 types.append(ctypes.c_void_p)
+            elif isinstance(a, ctypes._SimpleCData):
+                values.append(a.value)
+                types.append(type(a))
+            elif isinstance(a, float):
+                values.append(a)
+                types.append(ctypes.c_float)
             else:
                 values.append(int(a))
                 types.append(ctypes.c_int)
         stream = self._driver.CUstream(torch.cuda.current_stream().cuda_stream)
-        _check(self._driver.cuLaunchKernel(self._function, *grid, *block, 0, stream,
+        _check(self._driver.cuLaunchKernel(self._function, *grid, *block, shared_mem, stream,
                                            (tuple(values), tuple(types)), 0), "cuLaunchKernel")
 
 

@@ -118,9 +118,12 @@ def test_top_p_words_match_sort(gen, monkeypatch, resident_keys, n_keys):
         keep = torch.stack([torch.stack([_top_p_keep(torch.softmax(r, -1), top_p) for r in m])
                             for m in scores.cpu()])
         keep = torch.nn.functional.pad(keep, (0, 0, 0, 1)).view(2, 3, 2, n_keys).any(2)  # 2 rows per block
+        keep_all = torch.zeros(2, 3, dtype=torch.bool, device=DEVICE)
+        keep_all[0, 1] = True
+        keep[0, 1] = True
         for backend in BACKENDS:
             got = threshold.top_p_words(scores, top_p, rows_per_block=2, n_blocks=3, iters=EXACT_ITERS,
-                                        backend=backend)
+                                        backend=backend, keep_all=keep_all)
             assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)
 
 
@@ -438,6 +441,27 @@ def test_no_host_sync_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got.bits, want.bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_keys", [1, 200, 5000, 32768, 40000])
+def test_gpu_top_p_words_match_sort(n_keys):
+    """The CUDA kernel (rows up to CUDA_RESIDENT_KEYS) and the streamed Triton kernel (longer rows) against
+    sorting; a block past the last row stays empty; a keep_all block keeps every key."""
+    g = torch.Generator(device="cuda").manual_seed(n_keys)
+    scores = torch.randn(2, 5, n_keys, device="cuda", generator=g) * 3
+    for top_p in (0.05, 0.9, 0.999):
+        keep = torch.stack([torch.stack([_top_p_keep(torch.softmax(r, -1), top_p) for r in m])
+                            for m in scores.cpu()])
+        keep = torch.nn.functional.pad(keep, (0, 0, 0, 3)).view(2, 4, 2, n_keys).any(2)
+        keep_all = torch.zeros(2, 4, dtype=torch.bool, device="cuda")
+        keep_all[1, 0] = True
+        got = threshold.top_p_words(scores, top_p, rows_per_block=2, n_blocks=4, iters=EXACT_ITERS,
+                                    backend="triton", keep_all=keep_all)
+        keep[1, 0] = True
+        assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)
+        assert not got[:, 3].any()
+        assert torch.equal(got[1, 0], words.full_row_words(n_keys, "cuda"))
 
 
 @pytest.mark.gpu

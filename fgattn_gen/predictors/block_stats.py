@@ -75,8 +75,7 @@ def _store_stat(out_base, keys, key_ok, k0, best, total, n_rows, out_row, log2_t
         tl.store(out_base + keys, tl.log(total / n_rows), mask=key_ok & block_ok)
     else:  # pack: word w of the tile collects keys 32 w .. 32 w + 31
         bits = ((best > log2_threshold) & key_ok).to(tl.int32) << (tl.arange(0, TILE_N) % 32)
-        in_word = tl.arange(0, TILE_N)[None, :] // 32 == tl.arange(0, TILE_N // 32)[:, None]
-        words = tl.xor_sum(tl.where(in_word, bits[None, :], 0), 1)
+        words = tl.xor_sum(tl.reshape(bits, [TILE_N // 32, 32]), 1)
         w = k0 // 32 + tl.arange(0, TILE_N // 32)
         tl.store(out_base + w, words, mask=(w < out_row) & block_ok)
 
@@ -139,17 +138,60 @@ def _key_fp8_scale(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean_k, bound.clamp_min(1e-30) / _FP8_MAX
 
 
+@triton.jit
+def _to_fp8_kernel(X, OUT, MEAN, HEAD_SCALE, ROW_SCALE, DOT, stride_xn, stride_xs, n_rows,
+                   HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, PER_ROW: tl.constexpr):
+    """One pass over X [n, S, D] (last dim contiguous) to e4m3 OUT [n, S, D] (contiguous). PER_ROW (queries):
+    x / (max|x| / 448) per row, the row scale to ROW_SCALE [n, S] and x . MEAN[n] to DOT [n, S]. Else (keys):
+    (x - MEAN[n]) / HEAD_SCALE[n]."""
+    n = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < n_rows
+    dims = tl.arange(0, HEAD_DIM)
+    x = tl.load(X + n * stride_xn + rows[:, None].to(tl.int64) * stride_xs + dims[None, :], mask=ok[:, None],
+                other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + n * HEAD_DIM + dims)
+    if PER_ROW:
+        row_scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-30) / 448.0
+        tl.store(ROW_SCALE + n * n_rows + rows, row_scale, mask=ok)
+        tl.store(DOT + n * n_rows + rows, tl.sum(x * mean[None, :], 1), mask=ok)
+        x = x * (1.0 / row_scale)[:, None]
+    else:
+        x = (x - mean[None, :]) * (1.0 / tl.load(HEAD_SCALE + n))
+    out = OUT + (n * n_rows + rows[:, None]) * HEAD_DIM + dims[None, :]
+    tl.store(out, x.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=ok[:, None])
+
+
+def _to_fp8_triton(x, mean, head_scale=None):
+    """GPU form of the conversions in ``_fp8_operands``: e4m3 x, and for queries (``head_scale`` None) the
+    per-row scale and x . mean."""
+    n, rows, d = x.shape
+    out = torch.empty(n, rows, d, dtype=_FP8, device=x.device)
+    per_row = head_scale is None
+    row_scale = torch.empty(n, rows, dtype=torch.float32, device=x.device) if per_row else out
+    dot = torch.empty(n, rows, dtype=torch.float32, device=x.device) if per_row else out
+    block_r = 32
+    _to_fp8_kernel[(triton.cdiv(rows, block_r), n)](
+        x, out, mean, head_scale if head_scale is not None else mean, row_scale, dot, x.stride(0), x.stride(1),
+        rows, HEAD_DIM=d, BLOCK_R=block_r, PER_ROW=per_row, num_warps=4)
+    return (out, row_scale, dot) if per_row else out
+
+
 def _fp8_operands(q, k, lse, scale):
     """fp8 operands of q k^T: q scaled per row, k centred (minus its mean key: each row's scores shift by
     q_i . mean, which the returned LSE absorbs) and scaled per head. Returns (q8, k8, shifted lse fp32
-    [n, Sq], per-row score scale fp32 [n, Sq] in log2 units per unit of q8.k8). torch ops: their e4m3
-    rounding is right on every device (Triton's interpreter rounds fp32 -> e4m3 wrongly)."""
+    [n, Sq], per-row score scale fp32 [n, Sq] in log2 units per unit of q8.k8). On CUDA one Triton pass per
+    operand; elsewhere torch ops (Triton's interpreter rounds fp32 -> e4m3 wrongly)."""
     mean_k, k_scale = _key_fp8_scale(k)
-    qf = q.float()
-    q_scale = qf.abs().amax(-1).clamp_min(1e-30) / _FP8_MAX
-    q8 = (qf * (1.0 / q_scale)[..., None]).to(_FP8)
-    k8 = ((k.float() - mean_k[:, None, :]) * (1.0 / k_scale)[:, None, None]).to(_FP8)
-    q_dot_mean = (qf * mean_k[:, None, :]).sum(-1)
+    if q.is_cuda and not interpreting():
+        q8, q_scale, q_dot_mean = _to_fp8_triton(q, mean_k)
+        k8 = _to_fp8_triton(k, mean_k, k_scale)
+    else:
+        qf = q.float()
+        q_scale = qf.abs().amax(-1).clamp_min(1e-30) / _FP8_MAX
+        q8 = (qf * (1.0 / q_scale)[..., None]).to(_FP8)
+        k8 = ((k.float() - mean_k[:, None, :]) * (1.0 / k_scale)[:, None, None]).to(_FP8)
+        q_dot_mean = (qf * mean_k[:, None, :]).sum(-1)
     shifted_lse = lse - scale * q_dot_mean
     return q8, k8, shifted_lse, q_scale * (k_scale * (scale * _LOG2E))[:, None]
 
@@ -170,7 +212,10 @@ def _block_stat_triton(q, k, lse, *, block_m, scale, mode, precision, threshold,
         out_row = seq_k
         out = torch.empty(n, n_qblocks, seq_k, dtype=torch.float32, device=q.device)
     tile_m = min(128, max(16, triton.next_power_of_2(block_m)))
-    config = dict(tile_n=64 if interp else 128, num_warps=8 if tile_m >= 128 else 4, num_stages=3, pair=False)
+    if precision == "fp8":  # fastest measured on H200 (bench/results/predictors_h200.md)
+        config = dict(tile_n=64, num_warps=4, num_stages=4, pair=False)
+    else:
+        config = dict(tile_n=64 if interp else 128, num_warps=8 if tile_m >= 128 else 4, num_stages=3, pair=False)
     config.update(launch or {})
     n_sub = triton.cdiv(block_m, tile_m)
     pair = config["pair"] and n_sub == 1

@@ -22,19 +22,20 @@ from . import checks
 from .always_keep import always_keep_words
 from .pooling import group_mean, group_mean_and_similarity
 from .threshold import keeps_every_key, top_p_words
-from .words import full_bits, full_row_words
+from .words import full_bits
 
 
-def _pooled_scores(q_mean: torch.Tensor, k_mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 ``[n, Gq, Gk]`` = q_mean @ k_mean^T, in the inputs' dtype (fp32 accumulation) on CUDA."""
+def _pooled_scores(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``[n, Gq, Gk]`` = scale * q_mean @ k_mean^T, in the inputs' dtype (fp32 accumulation) on CUDA."""
     if q_mean.is_cuda and dtype != torch.float32:
-        return torch.bmm(q_mean.to(dtype), k_mean.to(dtype).transpose(1, 2), out_dtype=torch.float32)
-    return torch.bmm(q_mean.float(), k_mean.float().transpose(1, 2))
+        return torch.bmm((q_mean * scale).to(dtype), k_mean.to(dtype).transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q_mean.float() * scale, k_mean.float().transpose(1, 2))
 
 
 def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, pool: int, block_n: int) -> int:
+    """Heads whose fp32 workspace (scores, pooled queries, pooled keys) fits ``workspace_budget()``."""
     n_pool, n_kblocks = -(-seq_q // pool), -(-seq_k // block_n)
-    per_head = 4 * (n_pool * n_kblocks + 3 * seq_q * d + (3 * seq_k * d if block_n > 1 else 0))
+    per_head = 4 * (n_pool * n_kblocks + 2 * n_pool * d + (n_kblocks * d if block_n > 1 else 0))
     return max(1, min(heads, workspace_budget() // per_head))
 
 
@@ -81,20 +82,18 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
         return KeySet(full_bits(b, h, n_qblocks, n_kblocks, q.device), n_kblocks, block_m, block_n)
     groups_per_block = block_m // pool
     bits = torch.empty(b, h, n_qblocks, -(-n_kblocks // 32), dtype=torch.int32, device=q.device)
-    full_row = full_row_words(n_kblocks, q.device)
     chunk = _heads_per_chunk(h, seq_q, seq_k, d, pool, block_n)
     for bi in range(b):
         for h0 in range(0, h, chunk):
             heads = slice(h0, min(h, h0 + chunk))
             q_mean, similarity = group_mean_and_similarity(q[bi, heads], pool, backend=backend)
             k_mean = k[bi, heads] if block_n == 1 else group_mean(k[bi, heads], block_n, backend=backend)
-            scores = _pooled_scores(q_mean * scale, k_mean, q.dtype)
-            words = top_p_words(scores, top_p, rows_per_block=groups_per_block, n_blocks=n_qblocks,
-                                iters=search_iters, backend=backend)
             dissimilar = torch.nn.functional.pad(similarity < sim_threshold,
                                                  (0, n_qblocks * groups_per_block - similarity.shape[-1]))
             gate = dissimilar.view(-1, n_qblocks, groups_per_block).any(-1)
-            bits[bi, heads] = torch.where(gate[..., None], full_row, words)
+            scores = _pooled_scores(q_mean, k_mean, scale, q.dtype)
+            bits[bi, heads] = top_p_words(scores, top_p, rows_per_block=groups_per_block, n_blocks=n_qblocks,
+                                          iters=search_iters, backend=backend, keep_all=gate)
     extra = always_keep_words(seq_q=seq_q, seq_k=seq_k, block_m=block_m, block_n=block_n, keep_keys=keep_keys,
                               local_window=local_window, device=q.device)
     if extra is not None:

@@ -11,9 +11,11 @@ reaches ``top_p``; keys within ``(hi - lo) / 2**iters`` (in log probability) bel
 Rows belong to blocks (``rows_per_block`` consecutive rows each, e.g. the pooled sub-blocks of one kernel
 query block); a block keeps the union of its rows' keys. The result is written as KeySet words.
 
-GPU / interpreter: a Triton program per (block, head) walks its rows. A row of up to ``RESIDENT_KEYS`` keys
-is held in registers, loaded once, and bisected there (no memory traffic per step). Longer rows are
-streamed in chunks, ``_PROBES`` thresholds per pass, so a pass narrows the interval ``_PROBES + 1``-fold.
+GPU: a CUDA block per (block, head) walks its rows (``templates/cuda/top_p_words.cu``, built with NVRTC); a
+row of up to ``CUDA_RESIDENT_KEYS`` keys is held in registers, loaded once, and bisected there, one block
+reduction per step, and its words are written by warp ballots. Interpreter, and longer rows on the GPU: a
+Triton program per (block, head), the row in registers up to ``RESIDENT_KEYS`` keys, else streamed in
+chunks, ``_PROBES`` thresholds per pass, so a pass narrows the interval ``_PROBES + 1``-fold.
 CPU without the interpreter: the same search in torch ops.
 """
 
@@ -26,9 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .words import pack_mask
+from .. import nvrtc
+from ..render import templates_dir
+from .words import full_row_words, pack_mask
 
-RESIDENT_KEYS = 32768  # rows up to this many keys are searched in registers
+CUDA_RESIDENT_KEYS = 32768  # GPU: rows up to this many keys go to the CUDA kernel (512 threads x 64 keys)
+RESIDENT_KEYS = 32768  # Triton: rows up to this many keys are searched in registers
 _CHUNK_WORDS = 64  # streamed rows: words (x32 keys) per chunk
 _PROBES = 8  # streamed rows: thresholds tried per pass over the row
 
@@ -145,6 +150,27 @@ def _top_p_words_triton(scores: torch.Tensor, top_p: float, rows_per_block: int,
     return words
 
 
+def _cuda_launch_shape(n_keys: int) -> tuple[int, int]:
+    """(threads, keys per thread) of the CUDA kernel for rows of ``n_keys``: at most 64 keys per thread
+    (registers), keys per thread a multiple of 8 so few variants get compiled."""
+    threads = min(512, max(128, triton.next_power_of_2(triton.cdiv(n_keys, 64))))
+    return threads, 8 * triton.cdiv(triton.cdiv(n_keys, threads), 8)
+
+
+def _top_p_words_cuda(scores: torch.Tensor, top_p: float, rows_per_block: int, n_blocks: int, iters: int,
+                      keep_all: torch.Tensor) -> torch.Tensor:
+    n, n_rows, n_keys = scores.shape
+    n_words = triton.cdiv(n_keys, 32)
+    threads, elems = _cuda_launch_shape(n_keys)
+    device = scores.device.index if scores.device.index is not None else torch.cuda.current_device()
+    kernel = nvrtc.load_kernel(templates_dir() / "cuda" / "top_p_words.cu", "fgattn_top_p_words", device,
+                               (("FGATTN_TOPP_THREADS", threads), ("FGATTN_TOPP_ELEMS", elems)))
+    words = torch.empty(n, n_blocks, n_words, dtype=torch.int32, device=scores.device)
+    kernel((n_blocks, n, 1), (threads, 1, 1), scores, keep_all, words, n_rows, n_keys, n_words, rows_per_block,
+           float(top_p), iters)
+    return words
+
+
 def _top_p_words_torch(scores: torch.Tensor, top_p: float, rows_per_block: int, n_blocks: int,
                        iters: int) -> torch.Tensor:
     n, n_rows, n_keys = scores.shape
@@ -165,7 +191,7 @@ def _top_p_words_torch(scores: torch.Tensor, top_p: float, rows_per_block: int, 
 
 
 def top_p_words(scores: torch.Tensor, top_p: float, *, rows_per_block: int, n_blocks: int, iters: int,
-                backend: str, num_warps: int | None = None) -> torch.Tensor:
+                backend: str, keep_all: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
     """KeySet words of the top-p keys of each row, OR-ed over each block's rows (no host sync).
 
     Args:
@@ -175,10 +201,23 @@ def top_p_words(scores: torch.Tensor, top_p: float, *, rows_per_block: int, n_bl
         n_blocks: number of blocks, ``>= ceil(R / rows_per_block)`` (blocks past the rows stay empty).
         iters: bisection steps (resolution of the threshold, see the module docstring).
         backend: ``"triton"`` (CUDA, or the interpreter) or ``"torch"``.
-        num_warps: Triton launch override (benchmarks); default by row length.
+        keep_all: optional bool ``[n, n_blocks]``: these blocks keep every key (the CUDA kernel skips
+            their search).
+        num_warps: Triton launch override (benchmarks; it selects the Triton kernel on the GPU too); default
+            by row length.
     Returns:
         int32 ``[n, n_blocks, ceil(n_keys / 32)]``.
     """
+    n, _, n_keys = scores.shape
+    if backend == "triton" and scores.is_cuda and n_keys <= CUDA_RESIDENT_KEYS and num_warps is None:
+        if keep_all is None:
+            keep_all = torch.zeros(n, n_blocks, dtype=torch.bool, device=scores.device)
+        return _top_p_words_cuda(scores.contiguous(), top_p, rows_per_block, n_blocks, iters,
+                                 keep_all.contiguous())
     if backend == "triton":
-        return _top_p_words_triton(scores, top_p, rows_per_block, n_blocks, iters, num_warps)
-    return _top_p_words_torch(scores, top_p, rows_per_block, n_blocks, iters)
+        words = _top_p_words_triton(scores, top_p, rows_per_block, n_blocks, iters, num_warps)
+    else:
+        words = _top_p_words_torch(scores, top_p, rows_per_block, n_blocks, iters)
+    if keep_all is not None:
+        words = torch.where(keep_all[..., None], full_row_words(n_keys, scores.device), words)
+    return words
