@@ -10,9 +10,9 @@ from . import build, ops
 from .checks import check_attention_inputs
 from .keyset import KeySet
 from .reference import reference_attention
-from .variant import Variant, dtype_name
+from .variant import HOPPER_SMEM, Variant, default_variant, dtype_name
 
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "cuda", "reference")
 
 
 def check_variant_fits(variant: Variant, q: torch.Tensor, keys: KeySet, backend: str | None) -> None:
@@ -55,7 +55,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
         predictor: predicts ``keys`` first: ``"pooled_top_p"`` (default settings) or a callable
             ``(q, k) -> KeySet``, e.g. ``functools.partial(predictors.pooled_top_p, top_p=0.95, pool=32)``.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"triton"``, ``"reference"`` (fp32 math, any device) or None (best available).
+        backend: ``"triton"``, ``"cuda"`` (the CUDA gather-load kernel, CUDA tensors on an sm_80+ GPU;
+            its default variant unless ``variant`` is given), ``"reference"`` (fp32 math, any device) or
+            None (best available: the registry's Triton variant).
         variant: run this kernel variant instead of the one the registry (``fgattn_gen.registry``) picks.
         return_lse: also return the log-sum-exp of the scaled scores.
     Returns:
@@ -71,6 +73,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     if variant is not None and not isinstance(variant, Variant):
         raise TypeError(f"variant: expected a fgattn_gen.Variant, got {type(variant).__name__}")
+    if backend == "cuda" or (backend is None and variant is not None and variant.backend == "cuda"):
+        if q.device.type != "cuda":
+            raise ValueError(f"backend: 'cuda' needs CUDA tensors (Triton's interpreter cannot run it); q is on {q.device}")
+        if variant is None:
+            props = torch.cuda.get_device_properties(q.device)
+            variant = default_variant(dtype=q.dtype, head_dim=q.shape[-1], block_m=keys.block_m,
+                                      block_n=keys.block_n, backend="cuda",
+                                      smem_limit=getattr(props, "shared_memory_per_block_optin", HOPPER_SMEM))
     runs_kernels = q.device.type == "cuda" or build.interpreting()
     if backend == "reference" or (backend is None and not runs_kernels):
         if backend is None:

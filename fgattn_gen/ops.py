@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import registry, triton_backend
+from . import cuda_backend, registry, triton_backend
 from .keyset import KeySet
 from .variant import Variant, default_variant
 
@@ -29,7 +29,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: to
         variant = default_variant(dtype=q.dtype, head_dim=q.shape[-1], block_m=block_m, block_n=block_n)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    triton_backend.run(variant, q, k, v, keys, scale, out, lse)
+    backend = cuda_backend if variant.backend == "cuda" else triton_backend
+    backend.run(variant, q, k, v, keys, scale, out, lse)
     return out, lse
 
 

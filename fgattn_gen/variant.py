@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-BACKENDS = ("triton",)
+BACKENDS = ("triton", "cuda")
 HEAD_DIMS = (64, 128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -78,6 +78,22 @@ class Variant:
             p.append(f"num_warps must be 4 or 8, got {self.num_warps}")
         if not 1 <= self.num_stages <= 6:
             p.append(f"num_stages must be in [1, 6], got {self.num_stages}")
+        if self.backend == "cuda" and not p:
+            p.extend(self._cuda_problems())
+        return p
+
+    def _cuda_problems(self) -> list[str]:
+        """The CUDA kernel's own rules (templates/cuda/include/fgattn/gather_attention.cuh)."""
+        p = []
+        if self.tile_m != 16 * self.num_warps:
+            p.append(f"cuda: each warp owns 16 query rows, so tile_m (BLOCK_M) must be 16 * num_warps = "
+                     f"{16 * self.num_warps}, got {self.tile_m}")
+        if self.tile_n not in CUDA_TILE_N:
+            p.append(f"cuda: tile_n (BLOCK_N) must be one of {CUDA_TILE_N}, got {self.tile_n}")
+        if not 2 <= self.num_stages <= 4:
+            p.append(f"cuda: num_stages must be in [2, 4] (cp.async pipeline), got {self.num_stages}")
+        if not p and self.smem_bytes() > HOPPER_SMEM:
+            p.append(f"cuda: needs {self.smem_bytes()} bytes of shared memory, more than a block gets ({HOPPER_SMEM})")
         return p
 
     @property
@@ -100,31 +116,62 @@ class Variant:
         return asdict(self)
 
     def smem_bytes(self) -> int:
-        """Shared memory the pipelined K/V tiles and the Q tile need (an estimate for filtering)."""
+        """Shared memory the pipelined K/V tiles and the Q tile need (Triton: an estimate for filtering;
+        CUDA: exactly the dynamic shared memory of a launch)."""
         elt = 2
+        if self.backend == "cuda":
+            return (self.tile_m + 2 * self.num_stages * self.tile_n) * self.head_dim * elt
         kv = 2 * self.tile_n * self.head_dim * elt * max(1, self.num_stages - 1)
         return kv + self.tile_m * self.head_dim * elt
 
 
 HOPPER_SMEM = 227 * 1024
+CUDA_TILE_N = (32, 64, 128)
 
 
 def default_variant(*, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int,
-                    smem_limit: int = HOPPER_SMEM) -> Variant:
+                    smem_limit: int = HOPPER_SMEM, backend: str = "triton") -> Variant:
     """A variant that exists for every valid layout (served when nothing tuned matches).
 
-    The tile shapes are the best measured on H200 (bench/results/part1_triton_h200.md): 128x128 tiles,
-    8 warps, 3 stages at head dim 128; 64x64 tiles, 4 warps, 3 stages at 64. On GPUs with less shared
-    memory than that needs (``smem_limit`` bytes per block), 64x64 tiles with 2 stages.
+    ``backend="cuda"``: see ``default_cuda_variant``.
+
+    The tile shapes are the best measured on H200 (bench/results/part1_triton_h200.md, every density):
+    128x64 tiles, 4 warps, 4 stages at head dim 128; 64x64 tiles, 4 warps, 3 stages at 64. On GPUs with
+    less shared memory than that needs (``smem_limit`` bytes per block), 64x64 tiles with 2 stages.
     """
+    if backend == "cuda":
+        return default_cuda_variant(dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
+                                    smem_limit=smem_limit)
+    if backend != "triton":
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if block_m % 16:
         raise ValueError(f"keys: block_m must be a multiple of 16, got {block_m}")
     tile_m = next(t for t in (128, 64, 32, 16) if block_m % t == 0)
     common = dict(backend="triton", dtype=dtype_name(dtype), head_dim=head_dim, block_m=block_m, block_n=block_n)
     if head_dim == 128 and tile_m == 128:
-        best = Variant(**common, tile_m=128, tile_n=128, num_warps=8, num_stages=3)
+        best = Variant(**common, tile_m=128, tile_n=64, num_warps=4, num_stages=4)
     else:
         best = Variant(**common, tile_m=min(tile_m, 64), tile_n=64, num_warps=4, num_stages=3)
     if best.smem_bytes() <= smem_limit:
         return best
     return Variant(**common, tile_m=min(tile_m, 64), tile_n=64, num_warps=4, num_stages=2)
+
+
+def default_cuda_variant(*, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int,
+                         smem_limit: int = HOPPER_SMEM) -> Variant:
+    """The CUDA variant served without tuning, the best measured on H200 (wgmma path): 128 x 128 tiles,
+    8 warps, 3 stages at head dim 128; 128 x 64 tiles, 8 warps, 3 stages at 64. tile_m 64 (4 warps) where
+    block_m is a multiple of 64 only; smaller K/V tiles and 2 stages where ``smem_limit`` (bytes per block)
+    is lower. ValueError naming ``keys`` when block_m is not a multiple of 64 (a CTA's rows must lie in one
+    query block and each warp owns 16 rows, each warpgroup 64)."""
+    if block_m % 64:
+        raise ValueError(f"keys: the CUDA backend needs block_m to be a multiple of 64, got {block_m}")
+    tile_m = 128 if block_m % 128 == 0 else 64
+    best = (128, 3) if head_dim == 128 else (64, 3)
+    common = dict(backend="cuda", dtype=dtype_name(dtype), head_dim=head_dim, block_m=block_m, block_n=block_n,
+                  tile_m=tile_m, num_warps=tile_m // 16)
+    for tile_n, stages in (best, (64, 3), (64, 2), (32, 2)):
+        variant = Variant(**common, tile_n=tile_n, num_stages=stages)
+        if variant.smem_bytes() <= smem_limit:
+            return variant
+    return variant

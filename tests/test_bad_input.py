@@ -183,7 +183,7 @@ def test_bad_scale(inputs, scale):
         attention(q, k, v, keys, scale=scale)
 
 
-@pytest.mark.parametrize("backend", ["cuda", "Triton", "", "flash"])
+@pytest.mark.parametrize("backend", ["cutlass", "Triton", "", "flash"])
 def test_bad_backend(inputs, backend):
     q, k, v, keys = inputs
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
@@ -194,7 +194,7 @@ def test_bad_backend_with_variant(inputs):
     """An explicit variant must not bypass the backend check."""
     q, k, v, keys = inputs
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
-        attention(q, k, v, keys, backend="cuda", variant=variant())
+        attention(q, k, v, keys, backend="cutlass", variant=variant())
 
 
 def test_bad_backend_on_reference_fallback(inputs, monkeypatch):
@@ -202,7 +202,7 @@ def test_bad_backend_on_reference_fallback(inputs, monkeypatch):
     q, k, v, keys = (x.to("cpu") for x in inputs)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
-        attention(q, k, v, keys, backend="cuda")
+        attention(q, k, v, keys, backend="cutlass")
 
 
 @pytest.mark.parametrize("overrides", [dict(head_dim=128), dict(block_m=32), dict(block_n=1), dict(block_n=4)],

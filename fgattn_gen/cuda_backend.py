@@ -1,0 +1,134 @@
+"""Launch a rendered CUDA variant: compaction of the KeySet, then the gather-load kernel per head chunk.
+
+The variant's source is ``templates/cuda/gather_attention.cu.j2`` rendered with StrictUndefined (it
+only pins the parameters); the kernel logic is in ``templates/cuda/include/fgattn/*.cuh``, handed to
+NVRTC as named headers, so the cubin cache key (``nvrtc.compile_cubin``) covers them too. The kernel
+needs sm_80+ (cp.async, ldmatrix, mma.sync); on Hopper it is built for ``sm_90a`` and multiplies with
+wgmma (``FGATTN_CUDA_MMA=sync`` selects the mma.sync path there too).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+import triton
+
+from . import compaction, nvrtc, render
+from .keyset import KeySet
+from .variant import Variant
+
+KERNEL = "fgattn_gather_attention"
+TEMPLATE = "cuda/gather_attention.cu.j2"
+_LOG2E = 1.4426950408889634
+_MAX_GRID_Y = 65535
+
+
+def render_source(variant: Variant) -> str:
+    """Source text of a CUDA ``variant`` (templates/cuda/gather_attention.cu.j2)."""
+    if variant.backend != "cuda":
+        raise ValueError(f"variant: {variant.key} is not a CUDA variant")
+    template = render._environment(render.templates_dir()).get_template(TEMPLATE)
+    return template.render(**variant.params, key=variant.key, smem_bytes=variant.smem_bytes())
+
+
+def headers() -> tuple[tuple[str, str], ...]:
+    """``(include name, text)`` of every kernel header under ``templates/cuda/include``."""
+    root = render.templates_dir() / "cuda" / "include"
+    return tuple((p.relative_to(root).as_posix(), p.read_text()) for p in sorted(root.rglob("*.cuh")))
+
+
+def mma_options() -> tuple[str, ...]:
+    """Compiler options choosing the matrix path: wgmma on sm_90a (the default there), mma.sync elsewhere;
+    ``FGATTN_CUDA_MMA=sync`` forces mma.sync on Hopper too (for comparison and debugging)."""
+    choice = os.environ.get("FGATTN_CUDA_MMA", "auto")
+    if choice not in ("auto", "sync"):
+        raise ValueError(f"FGATTN_CUDA_MMA: expected 'auto' or 'sync', got {choice!r}")
+    return ("-DFGATTN_MMA_SYNC",) if choice == "sync" else ()
+
+
+def load(variant: Variant, device_index: int) -> nvrtc.CudaKernel:
+    """Compile (NVRTC, disk-cached) and load ``variant`` for CUDA device ``device_index`` (once per process
+    for each variant, device and matrix path)."""
+    return _load(variant, device_index, mma_options())
+
+
+@functools.cache
+def _load(variant: Variant, device_index: int, options: tuple[str, ...]) -> nvrtc.CudaKernel:
+    device = torch.device("cuda", device_index)
+    props = torch.cuda.get_device_properties(device)
+    if props.major < 8:
+        raise ValueError(f"backend: 'cuda' needs an sm_80+ GPU (cp.async, mma.sync); {props.name} is "
+                         f"sm_{props.major}{props.minor}")
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit is not None and variant.smem_bytes() > limit:
+        raise ValueError(f"variant: {variant.key} needs {variant.smem_bytes()} bytes of shared memory; "
+                         f"{props.name} allows {limit} per block")
+    cubin = nvrtc.compile_cubin(render_source(variant), variant.key, nvrtc.arch_of(device), options=options,
+                                headers=headers())
+    kernel = nvrtc.CudaKernel(cubin, KERNEL, device)
+    with torch.cuda.device(device):
+        kernel.set_max_dynamic_smem(variant.smem_bytes())
+    return kernel
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if cp.async can read its rows (16-byte aligned base and row/head/batch strides), else a
+    contiguous copy (the only allocation besides compaction; never taken for ordinary layouts)."""
+    strides_ok = all(st % 8 == 0 for st, n in zip(t.stride()[:3], t.shape[:3]) if n > 1)
+    return t if strides_ok and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+def _strides(t: torch.Tensor) -> list[ctypes.c_longlong]:
+    """Batch, head and row strides in elements as kernel arguments (0 for a dim of size 1)."""
+    return [ctypes.c_longlong(st if n > 1 else 0) for st, n in zip(t.stride()[:3], t.shape[:3])]
+
+
+def run(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, scale: float,
+        out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """Write ``out`` ``[B, H, Sq, D]`` (and ``lse`` fp32 ``[B, H, Sq]``, contiguous, if given) for validated
+    inputs on the current stream; no host synchronisation. ``out`` must have 16-byte aligned rows
+    (``attention`` allocates it contiguous). Heads are processed in compaction's chunks."""
+    if q.device.type != "cuda":
+        raise ValueError(f"backend: 'cuda' needs CUDA tensors; q is on {q.device}")
+    if out.data_ptr() % 16 or any(st % 8 for st, n in zip(out.stride()[:3], out.shape[:3]) if n > 1):
+        raise ValueError(f"out: rows must be 16-byte aligned, got strides {out.stride()}")
+    if lse is not None and not (lse.is_contiguous() and lse.dtype == torch.float32):
+        raise ValueError(f"lse: expected a contiguous fp32 tensor, got {lse.dtype} with strides {lse.stride()}")
+    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    kernel = load(variant, device_index)
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    b, h, sq, _ = q.shape
+    n_bh = b * h
+    n_mtiles = triton.cdiv(sq, variant.tile_m)
+    chunk = min(compaction.heads_per_chunk(keys), _MAX_GRID_Y)
+    strides = [*_strides(q), *_strides(k), *_strides(v), *_strides(out)]
+    lse_arg = lse if lse is not None else out  # never written when write_lse is 0
+    for bh_start in range(0, n_bh, chunk):
+        n = min(chunk, n_bh - bh_start)
+        idx, n_keys = compaction.compact(keys, bh_start, n, k.shape[2])
+        kernel((n_mtiles, n, 1), (32 * variant.num_warps, 1, 1),
+               q, k, v, out, lse_arg, idx, n_keys, *strides,
+               h, sq, keys.shape[2], idx.shape[-1], bh_start, float(scale * _LOG2E), int(lse is not None),
+               shared_mem=variant.smem_bytes())
+
+
+# The CUDA search space (tile_m, tile_n, stages; warps = tile_m // 16); points Variant rejects are dropped.
+SEARCH_SPACE = {"tile_m": (64, 128), "tile_n": (32, 64, 128), "num_stages": (2, 3, 4)}
+
+
+def search_space(*, dtype: str, head_dim: int, block_m: int, block_n: int) -> list[Variant]:
+    """Every valid CUDA variant of ``SEARCH_SPACE`` for one layout (dtype ``"bf16"``/``"fp16"``)."""
+    variants = []
+    for tile_m in SEARCH_SPACE["tile_m"]:
+        for tile_n in SEARCH_SPACE["tile_n"]:
+            for stages in SEARCH_SPACE["num_stages"]:
+                params = dict(backend="cuda", dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
+                              tile_m=tile_m, tile_n=tile_n, num_warps=tile_m // 16, num_stages=stages)
+                try:
+                    variants.append(Variant(**params))
+                except ValueError:
+                    continue
+    return variants
