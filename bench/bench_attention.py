@@ -1,12 +1,15 @@
 """Kernel benchmark: fgattn against dense SDPA (cuDNN, flash) and FlexAttention block-sparse, one run.
 
     PYTHONPATH=. python bench/bench_attention.py --name h100_part1 \
-        [--shapes 1,24,32760,128 1,48,17550,64] [--densities 1 0.5 0.3 0.1] [--variants bm128_bn64_w8_s3 ...]
+        [--shapes 1,24,32760,128 1,48,17550,64] [--densities 1 0.5 0.3 0.1] \
+        [--variants bm128_bn64_w4_s4 cuda_bm128_bn128_w8_s3 ...] [--peers flashinfer]
 
-Every fgattn-triton timing includes the GPU compaction of the KeySet into index lists (it runs on every
-call). Masks are M x 1 (block_m=128, block_n=1) with spatial locality (``fgattn_gen.synthetic``);
-flex-block128 gets a 128 x 128 block mask of the same density from the same generator. Each variant is
-checked (SDPA output at density 1, the fp32 reference on a slice otherwise) before it is timed.
+Variants are Triton unless prefixed ``cuda_`` (rows fgattn-triton, fgattn-cuda). Every fgattn timing
+includes the GPU compaction of the KeySet into index lists (it runs on every call). Masks are M x 1
+(block_m=128, block_n=1) with spatial locality (``fgattn_gen.synthetic``); flex-block128 gets a 128 x 128
+block mask of the same density from the same generator; flashinfer-c1 (``--peers flashinfer``) gets head
+0's M x 1 mask on every head (its API shares one mask across heads). Each implementation is checked (SDPA
+output at density 1, the fp32 reference on a slice otherwise) before it is timed.
 Writes ``bench/results/<name>.json`` and ``<name>.md``.
 """
 
@@ -29,10 +32,33 @@ BLOCK_M, BLOCK_N = 128, 1
 
 
 def parse_variant(spec: str, *, dtype: str, head_dim: int) -> Variant:
-    """``"bm128_bn64_w8_s3"`` -> Variant for the benchmark's layout."""
-    fields = {part.rstrip("0123456789"): int(part[len(part.rstrip("0123456789")):]) for part in spec.split("_")}
-    return Variant(backend="triton", dtype=dtype, head_dim=head_dim, block_m=BLOCK_M, block_n=BLOCK_N,
+    """``"bm128_bn64_w8_s3"`` (Triton) or ``"cuda_bm128_bn128_w8_s3"`` -> Variant for the benchmark's layout."""
+    backend, tiles = ("triton", spec) if spec.startswith("bm") else spec.split("_", 1)
+    fields = {part.rstrip("0123456789"): int(part[len(part.rstrip("0123456789")):]) for part in tiles.split("_")}
+    return Variant(backend=backend, dtype=dtype, head_dim=head_dim, block_m=BLOCK_M, block_n=BLOCK_N,
                    tile_m=fields["bm"], tile_n=fields["bn"], num_warps=fields["w"], num_stages=fields["s"])
+
+
+def flashinfer_c1(q, k, v, head_mask: torch.Tensor):
+    """FlashInfer's BlockSparseAttentionWrapper (FA3 backend, R=128, C=1) with one key set for every head
+    (its API shares the BSR mask across heads): ``head_mask`` bool ``[ceil(S / 128), S]``. Planned here (host
+    side, outside the timing); returns the ``run`` closure and its output ``[1, H, S, D]``. The query rows are
+    padded to a multiple of 128 (R must divide them)."""
+    import flashinfer
+
+    _, h, s, d = q.shape
+    rows = head_mask.shape[0] * 128
+    q_nhd = torch.nn.functional.pad(q[0].transpose(0, 1), (0, 0, 0, 0, 0, rows - s)).contiguous()
+    k_nhd, v_nhd = k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()
+    indptr = torch.nn.functional.pad(head_mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    indices = head_mask.nonzero()[:, 1].to(torch.int32).contiguous()
+    wrapper = flashinfer.BlockSparseAttentionWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=q.device),
+                                                     backend="fa3")
+    wrapper.plan(indptr, indices, rows, s, 128, 1, h, h, d, q_data_type=q.dtype, kv_data_type=k.dtype)
+
+    def run():
+        return wrapper.run(q_nhd, k_nhd, v_nhd)
+    return run, run()[:s].transpose(0, 1)[None]
 
 
 def median_ms(fn) -> float:
@@ -46,7 +72,7 @@ def check(out: torch.Tensor, ref: torch.Tensor, what: str) -> float:
     return err
 
 
-def bench_shape(shape, densities, variants, dtype, rows, log):
+def bench_shape(shape, densities, variants, dtype, peers, rows, log):
     b, h, s, d = shape
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -72,29 +98,41 @@ def bench_shape(shape, densities, variants, dtype, rows, log):
         mask = local_block_mask(b, h, triton.cdiv(s, BLOCK_M), triton.cdiv(s, BLOCK_N), density, seed=1, device="cuda")
         keys = KeySet.from_mask(mask, block_m=BLOCK_M, block_n=BLOCK_N)
         real_density = keys.density()
+        def rel_err(out, bits, what):
+            if density == 1.0:
+                return check(out, dense["cudnn"], what)
+            rows_q = 1024  # reference on a slice: 2 heads x 1024 queries x all keys
+            sub = KeySet(bits[:, :2, : rows_q // BLOCK_M].contiguous(), keys.n_kblocks, BLOCK_M, BLOCK_N)
+            ref = reference_attention(q[:, :2, :rows_q], k[:, :2], v[:, :2], sub)
+            return check(out[:, :2, :rows_q], ref, what)
+
         for spec in variants:
             variant = parse_variant(spec, dtype=dtype, head_dim=d)
+            impl = f"fgattn-{variant.backend}"
             try:
-                out = attention(q, k, v, keys, variant=variant)
-                if density == 1.0:
-                    err = check(out, dense["cudnn"], variant.key)
-                else:
-                    rows_q = 1024  # reference on a slice: 2 heads x 1024 queries x all keys
-                    sub = KeySet(keys.bits[:, :2, : rows_q // BLOCK_M].contiguous(), keys.n_kblocks, BLOCK_M, BLOCK_N)
-                    ref = reference_attention(q[:, :2, :rows_q], k[:, :2], v[:, :2], sub)
-                    err = check(out[:, :2, :rows_q], ref, variant.key)
+                err = rel_err(attention(q, k, v, keys, variant=variant), keys.bits, variant.key)
                 ms = median_ms(lambda: attention(q, k, v, keys, variant=variant))
             except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the run goes on
-                log(f"fgattn-triton {variant.key}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                log(f"{impl} {variant.key}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
                 continue
-            record("fgattn-triton", density, ms, variant=variant.key, rel_l2=err, key_density=real_density)
+            record(impl, density, ms, variant=variant.key, rel_l2=err, key_density=real_density)
+        if "flashinfer" in peers:
+            try:
+                run, out = flashinfer_c1(q, k, v, mask[0, 0])
+                shared = keys.bits[:, :1].expand(-1, h, -1, -1)  # its one key set, on every head
+                err = rel_err(out, shared, "flashinfer-c1")
+                ms = median_ms(run)
+            except Exception as exc:  # noqa: BLE001 - the peer's failure is reported, the run goes on
+                log(f"flashinfer-c1: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            record("flashinfer-c1", density, ms, rel_l2=err, key_density=mask[0, 0].float().mean().item())
 
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [f"# {result['name']}", "", f"Card: {result['device']}. Date: {result['date']}. "
              f"Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
-             "Times are medians (triton.testing.do_bench). fgattn-triton includes KeySet compaction; "
+             "Times are medians (triton.testing.do_bench). fgattn-* include KeySet compaction; "
              "best measured variant per row. Speedup = sdpa-cudnn time / time; TFLOP/s on computed elements.", "",
              "| shape [B,H,Sq,Sk,D] | density | impl | ms | TFLOP/s | speedup vs sdpa-cudnn | variant |",
              "|---|---|---|---|---|---|---|"]
@@ -123,13 +161,15 @@ def main(argv=None) -> int:
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.3, 0.1])
     parser.add_argument("--variants", nargs="+", default=["bm128_bn64_w8_s3"])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--peers", nargs="*", default=[], choices=["flashinfer"],
+                        help="peer kernels besides SDPA and FlexAttention (flashinfer: flashinfer-c1 rows)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
     rows: list[dict] = []
     for spec in args.shapes:
-        bench_shape(tuple(int(x) for x in spec.split(",")), args.densities, args.variants, args.dtype, rows,
+        bench_shape(tuple(int(x) for x in spec.split(",")), args.densities, args.variants, args.dtype, args.peers, rows,
                     lambda msg: print(msg, flush=True))
     result = dict(
         name=args.name, device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
