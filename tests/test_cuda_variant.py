@@ -8,8 +8,6 @@ head chunks and CUDA-graph capture; outputs are poisoned (NaN) before each run.
 """
 
 import os
-import re
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,18 +16,12 @@ import pytest
 import torch
 
 from conftest import LSE_TOL, TOL, ceil_div, make_block_mask, make_qkv
+from nvcc_tools import find_nvcc, parse_ptxas
 from fgattn_gen import KeySet, Variant, attention, compaction, cuda_backend, reference_attention
 from fgattn_gen.render import templates_dir
 from fgattn_gen.variant import default_variant
 
 BF16, FP16 = torch.bfloat16, torch.float16
-
-
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    return "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
 
 
 # (dtype, head_dim, block_n): the whole search space for the first two layouts, the default variant for the rest.
@@ -73,7 +65,7 @@ def _default_variants() -> list[Variant]:
 def nvcc_reports(tmp_path_factory) -> dict[tuple[str, str], tuple[int, str]]:
     """(variant key, build) -> (nvcc return code, output): every variant of ``_compile_variants`` as an sm_90a
     cubin, the default variants also on the mma.sync path and as PTX; built in parallel."""
-    nvcc = _nvcc()
+    nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (PATH, /usr/local/cuda/bin): cannot compile the CUDA variants")
     workdir = tmp_path_factory.mktemp("cuda_variants")
@@ -82,16 +74,6 @@ def nvcc_reports(tmp_path_factory) -> dict[tuple[str, str], tuple[int, str]]:
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         reports = list(pool.map(lambda job: _nvcc_build(nvcc, *job, workdir), jobs))
     return {(v.key, build): r for (v, build), r in zip(jobs, reports)}
-
-
-def parse_ptxas(log: str) -> dict[str, int]:
-    """registers, spill stores/loads (bytes), stack frame (bytes) of the kernel from ``-Xptxas -v`` output."""
-    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    regs = re.search(r"Used (\d+) registers", log)
-    if not (spill and regs):
-        raise AssertionError(f"no ptxas report in:\n{log}")
-    return {"registers": int(regs.group(1)), "stack": int(spill.group(1)), "spill_stores": int(spill.group(2)),
-            "spill_loads": int(spill.group(3))}
 
 
 def test_search_space_compiles_for_sm90a(nvcc_reports):

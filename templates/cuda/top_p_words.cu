@@ -79,6 +79,17 @@ struct BlockReduce {
   }
 };
 
+// One bisection step over the keys held in registers: keep lo where the mass above exp(t) reaches target.
+__device__ __forceinline__ void register_step(const float (&e)[ELEMS], float target, float& lo, float& hi,
+                                              BlockReduce& reduce) {
+  const float t = 0.5f * (lo + hi);
+  const float te = __expf(t);
+  float mass = 0.f;
+#pragma unroll
+  for (int i = 0; i < ELEMS; ++i) mass += e[i] >= te ? e[i] : 0.f;
+  if (reduce.sum(mass) >= target) lo = t; else hi = t;
+}
+
 // Exclusive prefix sum of one int per thread over the block, and the total. Uses (and frees) buf.
 __device__ int block_exclusive_scan(int v, int* buf, int& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -155,14 +166,7 @@ fgattn_top_p_words(const float* __restrict__ scores, const bool* __restrict__ ke
     float hi = 1.f;
     int s = 0;
 #pragma unroll 1
-    for (; s < min(steps, FULL_STEPS); ++s) {
-      const float t = 0.5f * (lo + hi);
-      const float te = __expf(t);
-      float mass = 0.f;
-#pragma unroll
-      for (int i = 0; i < ELEMS; ++i) mass += e[i] >= te ? e[i] : 0.f;
-      if (reduce.sum(mass) >= target) lo = t; else hi = t;
-    }
+    for (; s < min(steps, FULL_STEPS); ++s) register_step(e, target, lo, hi, reduce);
     if (s < steps) {
       // Keys at or above exp(hi) count at every later step; keys below exp(lo) never do.
       const float lo_e = __expf(lo), hi_e = __expf(hi);
@@ -212,14 +216,7 @@ fgattn_top_p_words(const float* __restrict__ scores, const bool* __restrict__ ke
         __syncthreads();  // cand is rewritten by the next row
       } else {
 #pragma unroll 1
-        for (; s < steps; ++s) {
-          const float t = 0.5f * (lo + hi);
-          const float te = __expf(t);
-          float mass = 0.f;
-#pragma unroll
-          for (int i = 0; i < ELEMS; ++i) mass += e[i] >= te ? e[i] : 0.f;
-          if (reduce.sum(mass) >= target) lo = t; else hi = t;
-        }
+        for (; s < steps; ++s) register_step(e, target, lo, hi, reduce);
       }
     }
     const float keep_from = __expf(lo);
