@@ -12,7 +12,9 @@
 // kKeyGran, kTileM, kTileN, kWarps, kStages. Shared memory: (kTileM + 2 * kStages * kTileN) * kHeadDim * 2 bytes.
 #pragma once
 
+#include "fgattn/epilogue.cuh"
 #include "fgattn/gather.cuh"
+#include "fgattn/kernel_args.cuh"
 #include "fgattn/mma_sm80.cuh"
 #include "fgattn/ptx.cuh"
 #include "fgattn/smem_layout.cuh"
@@ -20,38 +22,6 @@
 #include "fgattn/wgmma_sm90.cuh"
 
 namespace fgattn {
-
-// Kernel arguments. Strides are in elements; q/k/v/o rows are 16-byte aligned (checked by the launcher).
-struct AttentionArgs {
-  const unsigned short* q;
-  const unsigned short* k;
-  const unsigned short* v;
-  unsigned short* o;
-  float* lse;          // fp32 [B * H, seq_q]; written when write_lse
-  const int* idx;      // int32 [n_bh, n_qblocks, idx_row_stride]: sorted selected key blocks
-  const int* n_keys;   // int32 [n_bh, n_qblocks]: selected keys (not blocks)
-  long long q_sb, q_sh, q_sm, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sm;
-  int n_heads, seq_q, n_qblocks, idx_row_stride, bh_start;
-  float qk_scale;      // softmax scale * log2(e)
-  int write_lse;
-};
-
-template <class Cfg>
-struct SmemBytes {  // dynamic shared memory of one CTA (a constant, not a function: NVRTC allows no host code)
-  static constexpr int value = (Cfg::kTileM + 2 * Cfg::kStages * Cfg::kTileN) * Cfg::kHeadDim * 2;
-};
-
-// Scores of key slots >= valid (past the block's key count) -> -inf.
-template <int N_FRAGS>
-__device__ __forceinline__ void mask_tail(float (&s)[N_FRAGS][4], int valid, int lane) {
-#pragma unroll
-  for (int n = 0; n < N_FRAGS; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (8 * n + 2 * (lane & 3) + (e & 1) >= valid) s[n][e] = neg_inf();
-    }
-  }
-}
 
 template <class Cfg>
 __device__ __forceinline__ void gather_attention(const AttentionArgs& a) {
@@ -61,7 +31,6 @@ __device__ __forceinline__ void gather_attention(const AttentionArgs& a) {
   static_assert(TM == 16 * Cfg::kWarps, "each warp owns 16 query rows");
   static_assert(Cfg::kQueryBlock % TM == 0, "a CTA's rows must lie in one query block");
   static_assert(STAGES >= 2, "the pipeline needs at least two stages");
-  using Layout = SwizzledTile<D, TM>;  // Q tile (and the output staging)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(FGATTN_MMA_SYNC)
   static_assert(TM % 64 == 0, "wgmma: whole warpgroups of 64 rows");
   using Mma = WarpgroupMmaSm90<T, D, TM, TN>;
@@ -89,8 +58,6 @@ __device__ __forceinline__ void gather_attention(const AttentionArgs& a) {
 
   unsigned short* o_tile = a.o + b * a.o_sb + h * a.o_sh + m0 * a.o_sm;
   float* lse_tile = a.lse + (long long)bh * a.seq_q + m0;
-  const int row0 = warp * 16;  // the warp's first row in the tile
-  const int g = lane >> 2;
 
   float o[D / 8][4];
 #pragma unroll
@@ -172,34 +139,9 @@ __device__ __forceinline__ void gather_attention(const AttentionArgs& a) {
 
   float lse[2];
   softmax.finish(o, lse);
-  if (a.write_lse && (lane & 3) == 0) {
-    if (row0 + g < rows_left) lse_tile[row0 + g] = lse[0];
-    if (row0 + g + 8 < rows_left) lse_tile[row0 + g + 8] = lse[1];
-  }
-
-  // Output: the warp stages its 16 rows in its own rows of the Q tile, then writes them out as 16-byte
-  // rows. With wgmma a warpgroup reads all its 64 Q rows, so every warp must be done first.
+  // With wgmma a warpgroup reads all its 64 Q rows, so every warp must be done before any stages output.
   if (Mma::kAsyncProxy) __syncthreads();
-  __syncwarp();
-#pragma unroll
-  for (int d = 0; d < D / 8; ++d) {
-    const u32 col = 4 * (lane & 3);
-    st_shared_b32(sq + Layout::offset(row0 + g, d) + col, Elem<T>::pack(o[d][0], o[d][1]));
-    st_shared_b32(sq + Layout::offset(row0 + g + 8, d) + col, Elem<T>::pack(o[d][2], o[d][3]));
-  }
-  __syncwarp();
-  constexpr int kChunks = Layout::kChunks;
-  constexpr int kRowStep = 32 / kChunks;
-#pragma unroll
-  for (int i = 0; i < 16 / kRowStep; ++i) {
-    const int r = row0 + lane / kChunks + i * kRowStep;
-    const int c = lane % kChunks;
-    if (r < rows_left) {
-      u32 v4[4];
-      ld_shared_v4(v4, sq + Layout::offset(r, c));
-      st_global_v4(o_tile + r * a.o_sm + c * 8, v4);
-    }
-  }
+  store_warp_rows<T, D, TM>(o, lse, sq, warp * 16, lane, rows_left, o_tile, a.o_sm, lse_tile, a.write_lse);
 }
 
 }  // namespace fgattn

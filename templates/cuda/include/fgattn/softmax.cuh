@@ -9,6 +9,18 @@
 
 namespace fgattn {
 
+// Scores of key slots >= valid (past the block's key count) -> -inf, before the softmax update.
+template <int N_FRAGS>
+__device__ __forceinline__ void mask_tail(float (&s)[N_FRAGS][4], int valid, int lane) {
+#pragma unroll
+  for (int n = 0; n < N_FRAGS; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (8 * n + 2 * (lane & 3) + (e & 1) >= valid) s[n][e] = neg_inf();
+    }
+  }
+}
+
 template <int N_FRAGS, int D_FRAGS>
 struct OnlineSoftmax {
   float m[2];
