@@ -4,7 +4,8 @@ The variant's source is ``templates/cuda/gather_attention.cu.j2`` rendered with 
 only pins the parameters); the kernel logic is in ``templates/cuda/include/fgattn/*.cuh``, handed to
 NVRTC as named headers, so the cubin cache key (``nvrtc.compile_cubin``) covers them too. The kernel
 needs sm_80+ (cp.async, ldmatrix, mma.sync); on Hopper it is built for ``sm_90a`` and multiplies with
-wgmma (``FGATTN_CUDA_MMA=sync`` selects the mma.sync path there too).
+wgmma (``FGATTN_CUDA_MMA=sync`` selects the mma.sync path there too; ``FGATTN_CUDA_MMA=ws`` the
+warp-specialized kernel body, sm_90a only: a producer warpgroup gathers, 128 more threads per block).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ KERNEL = "fgattn_gather_attention"
 TEMPLATE = "cuda/gather_attention.cu.j2"
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
+MMA_PATHS = ("auto", "sync", "ws")
+_WS_DEFINE = "-DFGATTN_WARP_SPECIALIZED"
+# Shared memory the warp-specialized kernel needs after the tiles for its mbarriers
+# (gather_attention_ws.cuh kWsExtraBytes; the kernel traps if the launch gives less).
+WS_EXTRA_SMEM_BYTES = 256
 
 
 def render_source(variant: Variant) -> str:
@@ -42,17 +48,28 @@ def headers() -> tuple[tuple[str, str], ...]:
 
 def mma_options() -> tuple[str, ...]:
     """Compiler options choosing the matrix path: wgmma on sm_90a (the default there), mma.sync elsewhere;
-    ``FGATTN_CUDA_MMA=sync`` forces mma.sync on Hopper too (for comparison and debugging)."""
+    ``FGATTN_CUDA_MMA=sync`` forces mma.sync on Hopper too (for comparison and debugging);
+    ``FGATTN_CUDA_MMA=ws`` the warp-specialized wgmma kernel (producer warpgroup + consumer warpgroups, sm_90a)."""
     choice = os.environ.get("FGATTN_CUDA_MMA", "auto")
-    if choice not in ("auto", "sync"):
-        raise ValueError(f"FGATTN_CUDA_MMA: expected 'auto' or 'sync', got {choice!r}")
-    return ("-DFGATTN_MMA_SYNC",) if choice == "sync" else ()
+    if choice not in MMA_PATHS:
+        raise ValueError(f"FGATTN_CUDA_MMA: expected one of {MMA_PATHS}, got {choice!r}")
+    return {"auto": (), "sync": ("-DFGATTN_MMA_SYNC",), "ws": (_WS_DEFINE,)}[choice]
 
 
-def load(variant: Variant, device_index: int) -> nvrtc.CudaKernel:
+def launch_shape(variant: Variant, options: tuple[str, ...]) -> tuple[int, int]:
+    """(threads per block, dynamic shared memory bytes) of ``variant`` built with ``options``: the
+    warp-specialized kernel adds a producer warpgroup (128 threads) and its mbarriers."""
+    if _WS_DEFINE in options:
+        return 32 * variant.num_warps + 128, variant.smem_bytes() + WS_EXTRA_SMEM_BYTES
+    return 32 * variant.num_warps, variant.smem_bytes()
+
+
+def load(variant: Variant, device_index: int) -> tuple[nvrtc.CudaKernel, int, int]:
     """Compile (NVRTC, disk-cached) and load ``variant`` for CUDA device ``device_index`` (once per process
-    for each variant, device and matrix path)."""
-    return _load(variant, device_index, mma_options())
+    for each variant, device and matrix path); returns the kernel, its threads per block and dynamic shared
+    memory bytes."""
+    options = mma_options()
+    return (_load(variant, device_index, options), *launch_shape(variant, options))
 
 
 @functools.cache
@@ -62,15 +79,18 @@ def _load(variant: Variant, device_index: int, options: tuple[str, ...]) -> nvrt
     if props.major < 8:
         raise ValueError(f"backend: 'cuda' needs an sm_80+ GPU (cp.async, mma.sync); {props.name} is "
                          f"sm_{props.major}{props.minor}")
+    arch = nvrtc.arch_of(device)
+    if _WS_DEFINE in options and arch != "sm_90a":
+        raise ValueError(f"FGATTN_CUDA_MMA: 'ws' (warp-specialized wgmma kernel) needs sm_90a; {props.name} is {arch}")
+    _, smem = launch_shape(variant, options)
     limit = getattr(props, "shared_memory_per_block_optin", None)
-    if limit is not None and variant.smem_bytes() > limit:
-        raise ValueError(f"variant: {variant.key} needs {variant.smem_bytes()} bytes of shared memory; "
+    if limit is not None and smem > limit:
+        raise ValueError(f"variant: {variant.key} needs {smem} bytes of shared memory; "
                          f"{props.name} allows {limit} per block")
-    cubin = nvrtc.compile_cubin(render_source(variant), variant.key, nvrtc.arch_of(device), options=options,
-                                headers=headers())
+    cubin = nvrtc.compile_cubin(render_source(variant), variant.key, arch, options=options, headers=headers())
     kernel = nvrtc.CudaKernel(cubin, KERNEL, device)
     with torch.cuda.device(device):
-        kernel.set_max_dynamic_smem(variant.smem_bytes())
+        kernel.set_max_dynamic_smem(smem)
     return kernel
 
 
@@ -98,8 +118,10 @@ def run(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
     if lse is not None and not (lse.is_contiguous() and lse.dtype == torch.float32):
         raise ValueError(f"lse: expected a contiguous fp32 tensor, got {lse.dtype} with strides {lse.stride()}")
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    kernel = load(variant, device_index)
+    kernel, threads, smem = load(variant, device_index)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    if max(k.stride(2), v.stride(2)) * k.element_size() >= 2**32:  # the ws producer's 32-bit row offsets
+        raise ValueError(f"k, v: row strides must be below 2**32 bytes, got {k.stride(2)} and {v.stride(2)} elements")
     b, h, sq, _ = q.shape
     n_bh = b * h
     n_mtiles = triton.cdiv(sq, variant.tile_m)
@@ -109,10 +131,10 @@ def run(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
     for bh_start in range(0, n_bh, chunk):
         n = min(chunk, n_bh - bh_start)
         idx, n_keys = compaction.compact(keys, bh_start, n, k.shape[2])
-        kernel((n_mtiles, n, 1), (32 * variant.num_warps, 1, 1),
+        kernel((n_mtiles, n, 1), (threads, 1, 1),
                q, k, v, out, lse_arg, idx, n_keys, *strides,
                h, sq, keys.shape[2], idx.shape[-1], bh_start, float(scale * _LOG2E), int(lse is not None),
-               shared_mem=variant.smem_bytes())
+               shared_mem=smem)
 
 
 # The CUDA search space (tile_m, tile_n, stages; warps = tile_m // 16); points Variant rejects are dropped.

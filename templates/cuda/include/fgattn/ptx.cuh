@@ -16,6 +16,13 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
   return a;
 }
 
+// Dynamic shared memory of the launch, in bytes.
+__device__ __forceinline__ u32 dynamic_smem_bytes() {
+  u32 n;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+  return n;
+}
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
 
 __device__ __forceinline__ float fast_exp2(float x) {  // exp2(-inf) = +0
@@ -45,6 +52,9 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until every cp.async this thread issued has landed.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
