@@ -1,13 +1,16 @@
 """The CUDA variant (templates/cuda/gather_attention.cu.j2 + include/fgattn/*.cuh).
 
 CPU: every variant of the default CUDA search space renders (StrictUndefined) and compiles with nvcc for
-sm_90a (nothing runs), and the default variants' ptxas report shows no spills. GPU (``gpu`` marker):
-``attention(..., backend="cuda")`` against the fp32 reference and FlexAttention at odd sizes, both head
-dims and dtypes, empty blocks, key granularity 1 and 4, strided / misaligned layouts, several variants,
-head chunks and CUDA-graph capture; outputs are poisoned (NaN) before each run.
+sm_90a (nothing runs), and the default variants' ptxas report shows no spills, on the wgmma, mma.sync and
+warp-specialized (``FGATTN_CUDA_MMA=ws``) paths. GPU (``gpu`` marker, each test on every matrix path:
+``-k mma_ws`` selects the warp-specialized one): ``attention(..., backend="cuda")`` against the fp32
+reference and FlexAttention at odd sizes, both head dims and dtypes, empty blocks, key granularity 1 and 4,
+strided / misaligned layouts, several variants, head chunks and CUDA-graph capture; outputs are poisoned
+(NaN) before each run.
 """
 
 import os
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,20 +42,23 @@ def _compile_variants() -> list[Variant]:
     return variants
 
 
-# What nvcc builds: the sm_90a cubin (wgmma path), the same with -DFGATTN_MMA_SYNC (mma.sync path), or PTX.
-BUILDS = {"wgmma": ["-cubin"], "sync": ["-cubin", "-DFGATTN_MMA_SYNC"], "ptx": ["-ptx"]}
+# What nvcc builds: the sm_90a cubin (wgmma path), the same with -DFGATTN_MMA_SYNC (mma.sync path) or
+# -DFGATTN_WARP_SPECIALIZED (warp-specialized path), or PTX of the wgmma / warp-specialized path.
+BUILDS = {"wgmma": ["-cubin"], "sync": ["-cubin", "-DFGATTN_MMA_SYNC"], "ws": ["-cubin", "-DFGATTN_WARP_SPECIALIZED"],
+          "ptx": ["-ptx"], "ws_ptx": ["-ptx", "-DFGATTN_WARP_SPECIALIZED"]}
 
 
 def _nvcc_build(nvcc: str, variant: Variant, build: str, workdir: Path) -> tuple[int, str]:
     """(return code, ptxas report or PTX text / compiler log) of one build of ``variant``."""
     src = workdir / f"{variant.key}.{build}.cu"
     src.write_text(cuda_backend.render_source(variant))
-    out = src.with_suffix(".ptx" if build == "ptx" else ".cubin")
-    arch = "-gencode=arch=compute_90a,code=compute_90a" if build == "ptx" else "-gencode=arch=compute_90a,code=sm_90a"
+    ptx = build.endswith("ptx")
+    out = src.with_suffix(".ptx" if ptx else ".cubin")
+    arch = "-gencode=arch=compute_90a,code=compute_90a" if ptx else "-gencode=arch=compute_90a,code=sm_90a"
     cmd = [nvcc, *BUILDS[build], arch, "-std=c++17", f"-I{templates_dir() / 'cuda' / 'include'}",
-           *(["-Xptxas", "-v"] if build != "ptx" else []), "-o", str(out), str(src)]
+           *(["-Xptxas", "-v"] if not ptx else []), "-o", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if build == "ptx" and proc.returncode == 0:
+    if ptx and proc.returncode == 0:
         return 0, out.read_text()
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -64,13 +70,14 @@ def _default_variants() -> list[Variant]:
 @pytest.fixture(scope="module")
 def nvcc_reports(tmp_path_factory) -> dict[tuple[str, str], tuple[int, str]]:
     """(variant key, build) -> (nvcc return code, output): every variant of ``_compile_variants`` as an sm_90a
-    cubin, the default variants also on the mma.sync path and as PTX; built in parallel."""
+    cubin on the wgmma and warp-specialized paths, the default variants also on the mma.sync path and as PTX
+    (wgmma and warp-specialized); built in parallel."""
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (PATH, /usr/local/cuda/bin): cannot compile the CUDA variants")
     workdir = tmp_path_factory.mktemp("cuda_variants")
-    jobs = [(v, "wgmma") for v in _compile_variants()]
-    jobs += [(v, build) for v in _default_variants() for build in ("sync", "ptx")]
+    jobs = [(v, build) for v in _compile_variants() for build in ("wgmma", "ws")]
+    jobs += [(v, build) for v in _default_variants() for build in ("sync", "ptx", "ws_ptx")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         reports = list(pool.map(lambda job: _nvcc_build(nvcc, *job, workdir), jobs))
     return {(v.key, build): r for (v, build), r in zip(jobs, reports)}
@@ -80,9 +87,10 @@ def test_search_space_compiles_for_sm90a(nvcc_reports):
     failed = {key: log for key, (rc, log) in nvcc_reports.items() if rc != 0}
     assert not failed, "nvcc failed:\n" + "\n\n".join(f"{k}:\n{log}" for k, log in failed.items())
     assert sum(build == "wgmma" for _, build in nvcc_reports) == len(_compile_variants()) >= 30
+    assert sum(build == "ws" for _, build in nvcc_reports) == len(_compile_variants())
 
 
-@pytest.mark.parametrize("build", ["wgmma", "sync"])
+@pytest.mark.parametrize("build", ["wgmma", "sync", "ws"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_variant_has_no_spills(nvcc_reports, head_dim, build):
     variant = default_variant(dtype=BF16, head_dim=head_dim, block_m=128, block_n=1, backend="cuda")
@@ -91,6 +99,16 @@ def test_default_variant_has_no_spills(nvcc_reports, head_dim, build):
     report = parse_ptxas(log)
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0 and report["stack"] == 0, (variant.key, report)
     assert report["registers"] <= 255
+    # ptxas C7514: it serialises every wgmma when an accumulator may be read before its wait.
+    assert "C7514" not in log, log
+
+
+def test_ws_search_space_has_no_spills(nvcc_reports):
+    """Every warp-specialized build fits its registers (producer 40, consumers 232 with two consumers)."""
+    for (key, build), (rc, log) in nvcc_reports.items():
+        if build == "ws":
+            report = parse_ptxas(log)
+            assert report["spill_stores"] == 0 and report["stack"] == 0 and "C7514" not in log, (key, report)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -104,6 +122,42 @@ def test_sm90a_build_multiplies_with_wgmma(nvcc_reports, head_dim):
     assert "mma.sync" not in ptx
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_ws_build_is_warp_specialized(nvcc_reports, head_dim):
+    """The warp-specialized build: wgmma (Q K^T in the first tile's step and the later ones', P V in the
+    later ones' and for the last tile), cp.async completing on mbarriers, setmaxnreg moving registers from
+    the producer (40) to the two consumers (232), named barriers ordering the consumers."""
+    variant = default_variant(dtype=BF16, head_dim=head_dim, block_m=128, block_n=1, backend="cuda")
+    rc, ptx = nvcc_reports[(variant.key, "ws_ptx")]
+    assert rc == 0, ptx
+    assert ptx.count("wgmma.mma_async") == 2 * (head_dim // 16) + 2 * (variant.tile_n // 16)
+    assert "mma.sync" not in ptx
+    for instr in ("cp.async.cg.shared.global", "cp.async.mbarrier.arrive.noinc.shared::cta.b64",
+                  "mbarrier.try_wait.parity.shared::cta.b64", "mbarrier.arrive.shared::cta.b64",
+                  "mbarrier.init.shared::cta.b64", "fence.proxy.async.shared::cta", "bar.arrive"):
+        assert instr in ptx, instr
+    assert "setmaxnreg.dec.sync.aligned.u32 40;" in ptx and "setmaxnreg.inc.sync.aligned.u32 232;" in ptx
+
+
+def test_ws_launch_shape_matches_kernel():
+    """The launcher's threads and shared memory for the warp-specialized kernel are the kernel's."""
+    header = (templates_dir() / "cuda" / "include" / "fgattn" / "gather_attention_ws.cuh").read_text()
+    extra = int(re.search(r"constexpr int kWsExtraBytes = (\d+);", header).group(1))
+    assert extra == cuda_backend.WS_EXTRA_SMEM_BYTES
+    variant = default_variant(dtype=BF16, head_dim=128, block_m=128, block_n=1, backend="cuda")
+    assert cuda_backend.launch_shape(variant, ()) == (256, variant.smem_bytes())
+    assert cuda_backend.launch_shape(variant, ("-DFGATTN_WARP_SPECIALIZED",)) == (384, variant.smem_bytes() + extra)
+
+
+def test_mma_path_choice(monkeypatch):
+    for path, options in [("auto", ()), ("sync", ("-DFGATTN_MMA_SYNC",)), ("ws", ("-DFGATTN_WARP_SPECIALIZED",))]:
+        monkeypatch.setenv("FGATTN_CUDA_MMA", path)
+        assert cuda_backend.mma_options() == options
+    monkeypatch.setenv("FGATTN_CUDA_MMA", "tma")
+    with pytest.raises(ValueError, match=r"^FGATTN_CUDA_MMA: expected one of"):
+        cuda_backend.mma_options()
+
+
 def test_nvrtc_builds_default_variants(tmp_path, monkeypatch):
     """The runtime build path (NVRTC, named headers, disk cache), where libnvrtc is loadable."""
     from fgattn_gen import nvrtc
@@ -113,13 +167,16 @@ def test_nvrtc_builds_default_variants(tmp_path, monkeypatch):
     except Exception as e:  # noqa: BLE001 - any loader failure means no NVRTC on this machine
         pytest.skip(f"NVRTC is not loadable here ({type(e).__name__})")
     monkeypatch.setenv("FGATTN_CACHE_DIR", str(tmp_path))
-    for variant in _default_variants():
-        cubin = nvrtc.compile_cubin(cuda_backend.render_source(variant), variant.key, "sm_90a",
-                                    headers=cuda_backend.headers())
-        assert cubin[:4] == b"\x7fELF"
-        again = nvrtc.compile_cubin(cuda_backend.render_source(variant), variant.key, "sm_90a",
-                                    headers=cuda_backend.headers())
-        assert again == cubin and len(list((tmp_path / "cuda").glob(f"{variant.key}-*.cubin"))) == 1
+    for options in ((), ("-DFGATTN_WARP_SPECIALIZED",)):
+        for variant in _default_variants():
+            cubin = nvrtc.compile_cubin(cuda_backend.render_source(variant), variant.key, "sm_90a", options=options,
+                                        headers=cuda_backend.headers())
+            assert cubin[:4] == b"\x7fELF"
+            again = nvrtc.compile_cubin(cuda_backend.render_source(variant), variant.key, "sm_90a", options=options,
+                                        headers=cuda_backend.headers())
+            assert again == cubin
+    for variant in _default_variants():  # one cache entry per matrix path
+        assert len(list((tmp_path / "cuda").glob(f"{variant.key}-*.cubin"))) == 2
 
 
 def test_render_pins_every_parameter():
@@ -132,7 +189,8 @@ def test_render_pins_every_parameter():
         assert line in source
     assert "{{" not in source and "{%" not in source
     names = [name for name, _ in cuda_backend.headers()]
-    assert "fgattn/gather_attention.cuh" in names and "fgattn/mma_sm80.cuh" in names
+    assert {"fgattn/entry.cuh", "fgattn/gather_attention.cuh", "fgattn/gather_attention_ws.cuh",
+            "fgattn/mma_sm80.cuh", "fgattn/sync_sm90.cuh"} <= set(names)
 
 
 def test_cuda_variant_rules():
@@ -163,6 +221,15 @@ def test_cuda_backend_needs_cuda_tensors(gen):
 # ---------------------------------------------------------------------------------------------- GPU
 
 
+@pytest.fixture(params=cuda_backend.MMA_PATHS, ids=[f"mma_{p}" for p in cuda_backend.MMA_PATHS])
+def mma_path(request, monkeypatch):
+    """Runs a GPU test on one matrix path (FGATTN_CUDA_MMA); ws needs sm_90a."""
+    if request.param == "ws" and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FGATTN_CUDA_MMA=ws needs sm_90a")
+    monkeypatch.setenv("FGATTN_CUDA_MMA", request.param)
+    return request.param
+
+
 def _check(q, k, v, keys, mask, out, lse, *, scale=None, flex=True):
     from test_gpu import compare_all
 
@@ -170,6 +237,7 @@ def _check(q, k, v, keys, mask, out, lse, *, scale=None, flex=True):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("mma_path")
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("block_n", [1, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -185,6 +253,7 @@ def test_cuda_against_reference_and_flex(gen, poisoned, dtype, head_dim, block_n
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("mma_path")
 @pytest.mark.parametrize("sq, sk, block_m", [(333, 1999, 128), (1999, 333, 64), (1, 1, 128), (70, 5, 64),
                                               (3001, 2777, 256)])
 def test_cuda_odd_sizes(gen, poisoned, sq, sk, block_m):
@@ -198,6 +267,7 @@ def test_cuda_odd_sizes(gen, poisoned, sq, sk, block_m):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("mma_path")
 @pytest.mark.parametrize("layout", ["bshd", "sliced", "misaligned"])
 def test_cuda_layouts(gen, poisoned, layout):
     sq, sk = 1000, 777
@@ -215,6 +285,7 @@ def test_cuda_layouts(gen, poisoned, layout):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("mma_path")
 @pytest.mark.parametrize("tile_m, tile_n, num_stages", [(64, 32, 2), (64, 128, 3), (128, 32, 4), (128, 128, 2),
                                                         (128, 64, 4), (64, 64, 4)])
 @pytest.mark.parametrize("dtype, head_dim, block_n", [(BF16, 128, 1), (FP16, 64, 4)])
@@ -230,6 +301,7 @@ def test_cuda_explicit_variants(gen, poisoned, dtype, head_dim, block_n, tile_m,
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("mma_path")
 def test_cuda_head_chunks_and_triton_agree(gen, poisoned, monkeypatch):
     """A 1 MB index workspace runs the 4 heads in chunks of 2; the CUDA and Triton variants agree."""
     monkeypatch.setenv("FGATTN_INDEX_WORKSPACE_MB", "1")
@@ -245,6 +317,7 @@ def test_cuda_head_chunks_and_triton_agree(gen, poisoned, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("mma_path")
 def test_cuda_graph_capture(gen):
     q, k, v = make_qkv(gen, 1, 2, 1000, 777, 128, BF16, "cuda")
     mask = make_block_mask(gen, 1, 2, ceil_div(1000, 128), 777, "some_empty", density=0.3, device="cuda")
