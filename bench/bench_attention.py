@@ -2,9 +2,11 @@
 
     PYTHONPATH=. python bench/bench_attention.py --name h100_part1 \
         [--shapes 1,24,32760,128 1,48,17550,64] [--densities 1 0.5 0.3 0.1] \
-        [--variants bm128_bn64_w4_s4 cuda_bm128_bn128_w8_s3 ...] [--peers flashinfer]
+        [--variants bm128_bn64_w4_s4 cuda_bm128_bn128_w8_s3 ...] [--peers flashinfer] [--cuda-mma auto ws]
 
-Variants are Triton unless prefixed ``cuda_`` (rows fgattn-triton, fgattn-cuda). Every fgattn timing
+Variants are Triton unless prefixed ``cuda_`` (rows fgattn-triton, fgattn-cuda). ``--cuda-mma`` runs each
+CUDA variant on these matrix paths (``FGATTN_CUDA_MMA``): rows fgattn-cuda (auto), fgattn-cuda-sync,
+fgattn-cuda-ws (warp-specialized). Every fgattn timing
 includes the GPU compaction of the KeySet into index lists (it runs on every call). Masks are M x 1
 (block_m=128, block_n=1) with spatial locality (``fgattn_gen.synthetic``); flex-block128 gets a 128 x 128
 block mask of the same density from the same generator; flashinfer-c1 (``--peers flashinfer``) gets head
@@ -16,7 +18,9 @@ Writes ``bench/results/<name>.json`` and ``<name>.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import sys
 
 import torch
@@ -24,6 +28,7 @@ import triton
 import triton.testing
 
 from fgattn_gen import KeySet, Variant, attention, reference_attention
+from fgattn_gen.cuda_backend import MMA_PATHS
 from fgattn_gen.baselines import flex_block, flex_block_mask, sdpa
 from benchlib import write_results
 from fgattn_gen.synthetic import local_block_mask
@@ -61,6 +66,20 @@ def flashinfer_c1(q, k, v, head_mask: torch.Tensor):
     return run, run()[:s].transpose(0, 1)[None]
 
 
+@contextlib.contextmanager
+def cuda_mma(path: str):
+    """FGATTN_CUDA_MMA=path while the block runs (the CUDA variant's matrix path; kernels load per path)."""
+    old = os.environ.get("FGATTN_CUDA_MMA")
+    os.environ["FGATTN_CUDA_MMA"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FGATTN_CUDA_MMA"]
+        else:
+            os.environ["FGATTN_CUDA_MMA"] = old
+
+
 def median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
@@ -72,7 +91,7 @@ def check(out: torch.Tensor, ref: torch.Tensor, what: str) -> float:
     return err
 
 
-def bench_shape(shape, densities, variants, dtype, peers, rows, log):
+def bench_shape(shape, densities, variants, dtype, peers, rows, log, mma_paths=("auto",)):
     b, h, s, d = shape
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -108,14 +127,16 @@ def bench_shape(shape, densities, variants, dtype, peers, rows, log):
 
         for spec in variants:
             variant = parse_variant(spec, dtype=dtype, head_dim=d)
-            impl = f"fgattn-{variant.backend}"
-            try:
-                err = rel_err(attention(q, k, v, keys, variant=variant), keys.bits, variant.key)
-                ms = median_ms(lambda: attention(q, k, v, keys, variant=variant))
-            except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the run goes on
-                log(f"{impl} {variant.key}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-            record(impl, density, ms, variant=variant.key, rel_l2=err, key_density=real_density)
+            for path in mma_paths if variant.backend == "cuda" else ("auto",):
+                impl = f"fgattn-{variant.backend}" + ("" if path == "auto" else f"-{path}")
+                try:
+                    with cuda_mma(path):
+                        err = rel_err(attention(q, k, v, keys, variant=variant), keys.bits, variant.key)
+                        ms = median_ms(lambda: attention(q, k, v, keys, variant=variant))
+                except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the run goes on
+                    log(f"{impl} {variant.key}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                    continue
+                record(impl, density, ms, variant=variant.key, rel_l2=err, key_density=real_density)
         if "flashinfer" in peers:
             try:
                 run, out = flashinfer_c1(q, k, v, mask[0, 0])
@@ -163,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--peers", nargs="*", default=[], choices=["flashinfer"],
                         help="peer kernels besides SDPA and FlexAttention (flashinfer: flashinfer-c1 rows)")
+    parser.add_argument("--cuda-mma", nargs="+", default=["auto"], choices=MMA_PATHS,
+                        help="matrix paths of the cuda_ variants (FGATTN_CUDA_MMA): auto, sync, ws")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU (none found)", file=sys.stderr)
@@ -170,7 +193,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for spec in args.shapes:
         bench_shape(tuple(int(x) for x in spec.split(",")), args.densities, args.variants, args.dtype, args.peers, rows,
-                    lambda msg: print(msg, flush=True))
+                    lambda msg: print(msg, flush=True), args.cuda_mma)
     result = dict(
         name=args.name, device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
         versions=dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
