@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 
 smoke() {
-  FGATTN_CUDA_MMA=ws python - <<'EOF'
+  FGATTN_CUDA_MMA=ws python3 - <<'EOF'
 import torch
 from fgattn_gen import KeySet, attention, reference_attention
 
@@ -38,11 +38,11 @@ EOF
 run_stage() {
   case "$1" in
     smoke) timeout 120 bash -c "$(declare -f smoke); smoke" ;;
-    test) timeout 540 python -m pytest -q -x -m gpu tests/test_cuda_variant.py -k mma_ws ;;
+    test) timeout 540 python3 -m pytest -q -x -m gpu tests/test_cuda_variant.py -k mma_ws ;;
     memcheck) timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 bash -c "$(declare -f smoke); smoke" ;;
     bench)
-      gpu=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
-      timeout 580 python bench/bench_attention.py --name "cuda_ws_check_${gpu}" \
+      gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+      timeout 580 python3 bench/bench_attention.py --name "cuda_ws_check_${gpu}" \
         --shapes 1,24,32760,128 1,48,17550,64 --densities 1 0.3 0.1 \
         --variants cuda_bm128_bn128_w8_s3 cuda_bm128_bn64_w8_s3 --cuda-mma auto ws ;;
     *) echo "cuda_ws_check: unknown stage $1 (smoke, test, memcheck, bench)" >&2; return 2 ;;
