@@ -54,7 +54,8 @@ def flashinfer_c1(q, k, v, head_mask: torch.Tensor):
     indices = head_mask.nonzero()[:, 1].to(torch.int32).contiguous()
     wrapper = flashinfer.BlockSparseAttentionWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=q.device),
                                                      backend="fa3")
-    wrapper.plan(indptr, indices, rows, s, 128, 1, h, h, d, q_data_type=q.dtype, kv_data_type=k.dtype)
+    wrapper.plan(indptr, indices, rows, s, 128, 1, h, h, d, q_data_type=q.dtype, kv_data_type=k.dtype,
+                 o_data_type=q.dtype)
 
     def run():
         return wrapper.run(q_nhd, k_nhd, v_nhd)
