@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import sys
 
@@ -30,7 +29,7 @@ import triton.testing
 from fgattn_gen import KeySet, Variant, attention, reference_attention
 from fgattn_gen.cuda_backend import MMA_PATHS
 from fgattn_gen.baselines import flex_block, flex_block_mask, sdpa
-from benchlib import write_results
+from benchlib import run_info, write_results
 from fgattn_gen.synthetic import local_block_mask
 
 BLOCK_M, BLOCK_N = 128, 1
@@ -59,7 +58,8 @@ def flashinfer_c1(q, k, v, head_mask: torch.Tensor):
     indices = head_mask.nonzero()[:, 1].to(torch.int32).contiguous()
     wrapper = flashinfer.BlockSparseAttentionWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=q.device),
                                                      backend="fa3")
-    wrapper.plan(indptr, indices, rows, s, 128, 1, h, h, d, q_data_type=q.dtype, kv_data_type=k.dtype)
+    wrapper.plan(indptr, indices, rows, s, 128, 1, h, h, d, q_data_type=q.dtype, kv_data_type=k.dtype,
+                 o_data_type=q.dtype)
 
     def run():
         return wrapper.run(q_nhd, k_nhd, v_nhd)
@@ -195,10 +195,7 @@ def main(argv=None) -> int:
         bench_shape(tuple(int(x) for x in spec.split(",")), args.densities, args.variants, args.dtype, args.peers, rows,
                     lambda msg: print(msg, flush=True), args.cuda_mma)
     result = dict(
-        name=args.name, device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-        versions=dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                      cudnn=str(torch.backends.cudnn.version())),
-        rows=rows,
+        name=args.name, **run_info(cpu=False), rows=rows,
     )
     write_results(args.name, result, markdown(result))
     return 0

@@ -171,7 +171,7 @@ struct WsConsumer {
       vpos.advance();
     }
     softmax.rescale(o, alpha);
-    Mma::pack_p(pa, s);
+    pack_p<T>(pa, s);
   }
 
   // Every key tile; leaves the normalised O fragments in o and the rows' LSE in lse.
