@@ -141,8 +141,9 @@ def test_gpu_cuda_words_match_triton_and_slow(d, seq_q, seq_k):
     assert cuda.shape == tri.shape == (3, math.ceil(seq_q / 128), math.ceil(seq_k / 32))
     cb, tb, sb = _bits(cuda), _bits(tri), _bits(slow)
     assert not cb[..., seq_k:].any()
-    assert (cb != tb).float().mean() <= 1e-3
-    assert (cb[..., :seq_k] != sb[..., :seq_k]).float().mean() < 2e-2
+    # fractions, with a few bits of slack on the smallest shapes (a few hundred bits in all)
+    assert (cb != tb).sum().item() <= max(1e-3 * cb.numel(), 2)
+    assert (cb[..., :seq_k] != sb[..., :seq_k]).sum().item() <= max(2e-2 * cb[..., :seq_k].numel(), 4)
     assert 0.0 < cb[..., :seq_k].float().mean() < 1.0 or seq_k == 1
     old = block_stats.CUDA_KEY_SPLITS  # the default splits small heads' keys over CTAs; one CTA per pair:
     block_stats.CUDA_KEY_SPLITS = 1
