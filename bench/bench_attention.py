@@ -16,7 +16,6 @@ Writes ``bench/results/<name>.json`` and ``<name>.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 
 import torch
@@ -25,7 +24,7 @@ import triton.testing
 
 from fgattn_gen import KeySet, Variant, attention, reference_attention
 from fgattn_gen.baselines import flex_block, flex_block_mask, sdpa
-from benchlib import write_results
+from benchlib import run_info, write_results
 from fgattn_gen.synthetic import local_block_mask
 
 BLOCK_M, BLOCK_N = 128, 1
@@ -173,10 +172,7 @@ def main(argv=None) -> int:
         bench_shape(tuple(int(x) for x in spec.split(",")), args.densities, args.variants, args.dtype, args.peers, rows,
                     lambda msg: print(msg, flush=True))
     result = dict(
-        name=args.name, device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-        versions=dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                      cudnn=str(torch.backends.cudnn.version())),
-        rows=rows,
+        name=args.name, **run_info(cpu=False), rows=rows,
     )
     write_results(args.name, result, markdown(result))
     return 0

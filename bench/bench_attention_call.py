@@ -28,16 +28,12 @@ if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at dec
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
 
-import fgattn_gen  # noqa: E402
 from fgattn_gen import attention  # noqa: E402
-from benchlib import timer, write_results  # noqa: E402
+from benchlib import run_info, timer, write_results  # noqa: E402
 from fgattn_gen.ditdata import SHAPES, DitShape, dit_qkv  # noqa: E402
 from fgattn_gen.predictors import exact_mask, pooled_top_p  # noqa: E402
 
@@ -156,12 +152,7 @@ def main(argv=None) -> int:
         if not args.cpu:
             torch.cuda.empty_cache()
     result = dict(
-        name=args.name,
-        device="cpu (Triton interpreter; timings are not performance numbers)" if args.cpu
-        else torch.cuda.get_device_name(),
-        date=datetime.date.today().isoformat(),
-        versions=dict(fgattn=fgattn_gen.__version__, torch=torch.__version__, triton=triton.__version__,
-                      cuda=torch.version.cuda, cudnn=str(torch.backends.cudnn.version())),
+        name=args.name, **run_info(args.cpu),
         wall_s=round(time.time() - started, 1), rows=rows,
     )
     write_results(args.name, result, markdown(result))

@@ -35,19 +35,16 @@ if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at dec
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import datetime  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
-import triton  # noqa: E402
 from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import fgattn_gen  # noqa: E402
-from benchlib import write_results  # noqa: E402
+from benchlib import run_info, write_results  # noqa: E402
 from fgattn_gen.integrations import SparseSelfAttention, install  # noqa: E402
 
 FULL_LAYERS = (20, 40)  # dual-stream, single-stream blocks of the released model
@@ -271,13 +268,7 @@ def main(argv=None) -> int:
                          reference=reference, log=log)
         rows.append(row)
     result = dict(
-        name=args.name,
-        device="cpu (Triton interpreter; timings are not performance numbers)" if args.cpu
-        else torch.cuda.get_device_name(),
-        date=datetime.date.today().isoformat(),
-        versions=dict(fgattn=fgattn_gen.__version__, torch=torch.__version__, triton=triton.__version__,
-                      diffusers=diffusers.__version__, cuda=torch.version.cuda,
-                      cudnn=str(torch.backends.cudnn.version())),
+        name=args.name, **run_info(args.cpu, diffusers=diffusers.__version__),
         settings=dict(frames=args.frames, height=args.height, width=args.width,
                       latents=list(inputs["hidden_states"].shape), video_tokens=video,
                       text_tokens=args.text, valid_text=args.valid_text or args.text, tokens=tokens,

@@ -28,7 +28,6 @@ if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at dec
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -36,10 +35,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
 
-from benchlib import RESULTS, timer, write_results  # noqa: E402
+from benchlib import RESULTS, run_info, timer, write_results  # noqa: E402
 from fgattn_gen import KeySet, attention, reference_attention  # noqa: E402
 from fgattn_gen.baselines import sdpa  # noqa: E402
 from fgattn_gen.ditdata import SHAPES, dit_qkv  # noqa: E402
@@ -388,12 +385,7 @@ def main(argv=None) -> int:
         log(f"[{time.time() - started:.0f} s] accuracy done for {shape}")
     timing, checks = ([], {}) if args.skip_timing else timing_rows(timing_shape, device, args.cpu, log)
     result = dict(
-        name=args.name,
-        device="cpu (Triton interpreter; timings are not performance numbers)" if args.cpu
-        else torch.cuda.get_device_name(),
-        date=datetime.date.today().isoformat(),
-        versions=dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                      cudnn=str(torch.backends.cudnn.version())),
+        name=args.name, **run_info(args.cpu),
         wall_s=round(time.time() - started, 1), accuracy=accuracy, summary=summarize(accuracy), timing=timing,
         checks=checks,
     )

@@ -1,13 +1,19 @@
-"""Helpers the benchmark scripts share: a timer and the results writer (bench/results/<name>.json + .md)."""
+"""Helpers the benchmark scripts share: a timer, the run header (card, date, versions) and the results writer
+(bench/results/<name>.json + .md)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+import triton
 import triton.testing
+
+import fgattn_gen
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -23,6 +29,14 @@ def timer(cpu: bool, *, warmup_ms: float = 25, rep_ms: float = 150) -> Callable[
         def measure(fn):
             return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     return measure
+
+
+def run_info(cpu: bool, **versions: str) -> dict:
+    """``device``, ``date`` and ``versions`` (fgattn, torch, triton, CUDA, cuDNN, plus ``versions``) of a run."""
+    device = "cpu (Triton interpreter; timings are not performance numbers)" if cpu else torch.cuda.get_device_name()
+    return dict(device=device, date=datetime.date.today().isoformat(),
+                versions=dict(fgattn=fgattn_gen.__version__, torch=torch.__version__, triton=triton.__version__,
+                              cuda=torch.version.cuda, cudnn=str(torch.backends.cudnn.version()), **versions))
 
 
 def write_results(name: str, result: dict, table: str) -> Path:

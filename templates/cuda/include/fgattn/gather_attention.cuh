@@ -155,12 +155,12 @@ __device__ __forceinline__ void gather_attention(const AttentionArgs& a) {
         Mma::template wait<0>();
         Mma::fence_regs(o);
         softmax.rescale(o, alpha);
-        Mma::pack_p(pa, s);
+        pack_p<T>(pa, s);
       } else {
         Mma::qk(s, qa, sq, sk + st * kKVBytes, warp, lane);
         if (valid < TN) mask_tail(s, valid, lane);
         softmax.step(s, o, a.qk_scale);
-        Mma::pack_p(pa, s);
+        pack_p<T>(pa, s);
         Mma::pv(o, pa, sv + st * kKVBytes, lane);
       }
     }

@@ -57,17 +57,6 @@ struct WarpMmaSm80 {
     }
   }
 
-  // P (probabilities, fp32 in the S layout) -> 16-bit A fragments, k16 step j = key blocks 2j, 2j + 1.
-  static __device__ __forceinline__ void pack_p(u32 (&pa)[TILE_N / 16][4], const float (&p)[kNFrags][4]) {
-#pragma unroll
-    for (int j = 0; j < TILE_N / 16; ++j) {
-      pa[j][0] = Elem<T>::pack(p[2 * j][0], p[2 * j][1]);
-      pa[j][1] = Elem<T>::pack(p[2 * j][2], p[2 * j][3]);
-      pa[j][2] = Elem<T>::pack(p[2 * j + 1][0], p[2 * j + 1][1]);
-      pa[j][3] = Elem<T>::pack(p[2 * j + 1][2], p[2 * j + 1][3]);
-    }
-  }
-
   static __device__ __forceinline__ void pv(float (&o)[kDFrags][4], const u32 (&pa)[TILE_N / 16][4], u32 sv, int lane) {
     // ldmatrix x4 .trans over V rows: (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15)
     const int key_in = (((lane >> 3) & 1) << 3) + (lane & 7);

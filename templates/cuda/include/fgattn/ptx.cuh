@@ -108,4 +108,18 @@ struct Elem<fp16> {
   }
 };
 
+// P (probabilities, fp32 in the S accumulator layout of m16n8 fragments) -> 16-bit A fragments of the P V
+// product: k16 step j takes key blocks 2j and 2j + 1. The same register layout serves mma.sync m16n8k16 and
+// wgmma with A from registers.
+template <class T, int KSTEPS>
+__device__ __forceinline__ void pack_p(u32 (&pa)[KSTEPS][4], const float (&p)[2 * KSTEPS][4]) {
+#pragma unroll
+  for (int j = 0; j < KSTEPS; ++j) {
+    pa[j][0] = Elem<T>::pack(p[2 * j][0], p[2 * j][1]);
+    pa[j][1] = Elem<T>::pack(p[2 * j][2], p[2 * j][3]);
+    pa[j][2] = Elem<T>::pack(p[2 * j + 1][0], p[2 * j + 1][1]);
+    pa[j][3] = Elem<T>::pack(p[2 * j + 1][2], p[2 * j + 1][3]);
+  }
+}
+
 }  // namespace fgattn

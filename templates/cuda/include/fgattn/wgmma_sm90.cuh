@@ -82,16 +82,6 @@ struct WarpgroupMmaSm90 {
     fence_regs(s);
   }
 
-  static __device__ __forceinline__ void pack_p(u32 (&pa)[TILE_N / 16][4], const float (&p)[kNFrags][4]) {
-#pragma unroll
-    for (int j = 0; j < TILE_N / 16; ++j) {
-      pa[j][0] = Elem<T>::pack(p[2 * j][0], p[2 * j][1]);
-      pa[j][1] = Elem<T>::pack(p[2 * j][2], p[2 * j][3]);
-      pa[j][2] = Elem<T>::pack(p[2 * j + 1][0], p[2 * j + 1][1]);
-      pa[j][3] = Elem<T>::pack(p[2 * j + 1][2], p[2 * j + 1][3]);
-    }
-  }
-
   static __device__ __forceinline__ void pv(float (&o)[kDFrags][4], const u32 (&pa)[TILE_N / 16][4], u32 sv, int) {
     pv_issue(o, pa, sv);
     wgmma_wait<0>();
