@@ -289,8 +289,9 @@ def test_block_stat_launches_agree(gen, mode, precision):
         got = block_stat(q, k, lse, backend="triton", launch=launch, **args)
         if mode == "words":
             assert_same_keys(KeySet(got[None], 200, 128).to_mask(), KeySet(want[None], 200, 128).to_mask())
-        else:
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        else:  # Hopper's fp8 tensor cores accumulate with fewer mantissa bits than fp32
+            tol = 2e-3 if precision == "fp8" else 1e-5
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 def test_dense_lse(gen):

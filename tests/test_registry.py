@@ -1,6 +1,8 @@
 """Registry lookup: order and fallbacks, rejected files (one warning each), thread safety, shipped files."""
 
 import copy
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -163,3 +165,12 @@ def test_registry_sources_match_templates():
     assert present == set(expected), "registry/ is stale: run python -m fgattn_gen.registry"
     for path, text in expected.items():
         assert path.read_text() == text, f"{path} drifted from templates/: run python -m fgattn_gen.registry"
+
+
+def test_lookup_does_not_need_the_tuner(tmp_path):
+    """The runtime serves tuned files without optuna (a tuning-only dependency) being importable."""
+    _registry(tmp_path, _document())  # writes model0.yaml
+    code = ("import sys; sys.modules['optuna'] = None\n"
+            "from pathlib import Path\nfrom fgattn_gen.registry import Registry\n"
+            f"assert Registry([Path({str(tmp_path)!r})]).choices({GPU!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)

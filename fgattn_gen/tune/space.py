@@ -20,12 +20,14 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass
-from typing import Callable
-
-import optuna
+from typing import TYPE_CHECKING, Callable
 
 from ..render import render, source_hash
 from ..variant import Variant
+
+if TYPE_CHECKING:  # the runtime registry hashes spaces without importing the tuner's optuna
+    import optuna
+
 
 class EmptySpaceError(ValueError):
     """No tunable point is valid for a layout (e.g. no tile_m divides the model's block_m)."""
