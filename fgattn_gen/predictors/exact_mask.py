@@ -54,9 +54,15 @@ def _group_keys(stat: torch.Tensor, block_n: int, reduce: str) -> torch.Tensor:
     return padded.amax(-1) if reduce == "max" else torch.logsumexp(padded, -1)
 
 
-def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, block_m: int, backend: str) -> int:
+def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, block_m: int, backend: str,
+                     words_only: bool = False) -> int:
+    """Heads per statistics launch under ``workspace_budget()``. ``words_only`` (threshold rule, key groups
+    of 1): no fp32 statistic, only the words and the operands' copies (fp32 bound, padding included)."""
     n_qblocks = -(-seq_q // block_m)
-    per_head = 4 * (2 * n_qblocks * seq_k + 2 * (seq_q + seq_k) * d)
+    if words_only:
+        per_head = 4 * n_qblocks * -(-seq_k // 32) + 4 * (seq_q + seq_k + 512) * d + 16 * seq_q
+    else:
+        per_head = 4 * (2 * n_qblocks * seq_k + 2 * (seq_q + seq_k) * d)
     if backend == "torch":
         per_head += 8 * seq_q * seq_k  # fp32 score matrix and its padded copy
     return max(1, min(heads, workspace_budget() // per_head))
@@ -111,7 +117,7 @@ def exact_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: in
     if top_p is not None and keeps_every_key(top_p):
         return out, KeySet(full_bits(b, h, n_qblocks, n_kblocks, q.device), n_kblocks, block_m, block_n)
     bits = torch.empty(b, h, n_qblocks, -(-n_kblocks // 32), dtype=torch.int32, device=q.device)
-    chunk = _heads_per_chunk(h, seq_q, seq_k, d, block_m, backend)
+    chunk = _heads_per_chunk(h, seq_q, seq_k, d, block_m, backend, words_only=top_p is None and block_n == 1)
     for bi in range(b):
         for h0 in range(0, h, chunk):
             heads = slice(h0, min(h, h0 + chunk))
