@@ -2,11 +2,11 @@
 
     PYTHONPATH=. python bench/bench_attention.py --name h100_part1 \
         [--shapes 1,24,32760,128 1,48,17550,64] [--densities 1 0.5 0.3 0.1] \
-        [--variants bm128_bn64_w4_s4 cuda_bm128_bn128_w8_s3 ...] [--peers flashinfer] [--cuda-mma auto ws]
+        [--variants bm128_bn64_w4_s4 cuda_bm128_bn128_w8_s3 ...] [--peers flashinfer] [--cuda-mma auto wgmma]
 
 Variants are Triton unless prefixed ``cuda_`` (rows fgattn-triton, fgattn-cuda). ``--cuda-mma`` runs each
-CUDA variant on these matrix paths (``FGATTN_CUDA_MMA``): rows fgattn-cuda (auto), fgattn-cuda-sync,
-fgattn-cuda-ws (warp-specialized). Every fgattn timing
+CUDA variant on these matrix paths (``FGATTN_CUDA_MMA``): rows fgattn-cuda (auto: warp-specialized on
+sm_90a), fgattn-cuda-wgmma, fgattn-cuda-sync, fgattn-cuda-ws. Every fgattn timing
 includes the GPU compaction of the KeySet into index lists (it runs on every call). Masks are M x 1
 (block_m=128, block_n=1) with spatial locality (``fgattn_gen.synthetic``); flex-block128 gets a 128 x 128
 block mask of the same density from the same generator; flashinfer-c1 (``--peers flashinfer``) gets head
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", nargs="*", default=[], choices=["flashinfer"],
                         help="peer kernels besides SDPA and FlexAttention (flashinfer: flashinfer-c1 rows)")
     parser.add_argument("--cuda-mma", nargs="+", default=["auto"], choices=MMA_PATHS,
-                        help="matrix paths of the cuda_ variants (FGATTN_CUDA_MMA): auto, sync, ws")
+                        help="matrix paths of the cuda_ variants (FGATTN_CUDA_MMA): " + ", ".join(MMA_PATHS))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU (none found)", file=sys.stderr)

@@ -3,9 +3,9 @@
 The variant's source is ``templates/cuda/gather_attention.cu.j2`` rendered with StrictUndefined (it
 only pins the parameters); the kernel logic is in ``templates/cuda/include/fgattn/*.cuh``, handed to
 NVRTC as named headers, so the cubin cache key (``nvrtc.compile_cubin``) covers them too. The kernel
-needs sm_80+ (cp.async, ldmatrix, mma.sync); on Hopper it is built for ``sm_90a`` and multiplies with
-wgmma (``FGATTN_CUDA_MMA=sync`` selects the mma.sync path there too; ``FGATTN_CUDA_MMA=ws`` the
-warp-specialized kernel body, sm_90a only: a producer warpgroup gathers, 128 more threads per block).
+needs sm_80+ (cp.async, ldmatrix, mma.sync); on Hopper it is built for ``sm_90a`` with the warp-specialized
+body (a producer warpgroup gathers, consumer warpgroups multiply with wgmma; 128 more threads per block).
+``FGATTN_CUDA_MMA`` picks another matrix path for comparison and debugging (``mma_options``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ KERNEL = "fgattn_gather_attention"
 TEMPLATE = "cuda/gather_attention.cu.j2"
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
-MMA_PATHS = ("auto", "sync", "ws")
+MMA_PATHS = ("auto", "ws", "wgmma", "sync")
 _WS_DEFINE = "-DFGATTN_WARP_SPECIALIZED"
 # Shared memory the warp-specialized kernel needs after the tiles for its mbarriers
 # (gather_attention_ws.cuh kWsExtraBytes; the kernel traps if the launch gives less).
@@ -46,14 +46,19 @@ def headers() -> tuple[tuple[str, str], ...]:
     return tuple((p.relative_to(root).as_posix(), p.read_text()) for p in sorted(root.rglob("*.cuh")))
 
 
-def mma_options() -> tuple[str, ...]:
-    """Compiler options choosing the matrix path: wgmma on sm_90a (the default there), mma.sync elsewhere;
-    ``FGATTN_CUDA_MMA=sync`` forces mma.sync on Hopper too (for comparison and debugging);
-    ``FGATTN_CUDA_MMA=ws`` the warp-specialized wgmma kernel (producer warpgroup + consumer warpgroups, sm_90a)."""
+def mma_options(arch: str) -> tuple[str, ...]:
+    """Compiler options choosing the matrix path for ``arch`` (``nvrtc.arch_of``) from ``FGATTN_CUDA_MMA``:
+    ``auto`` (default): the warp-specialized wgmma body on sm_90a (fastest measured, bench/results), mma.sync
+    elsewhere; ``ws``: that body; ``wgmma``: the body where every warp gathers and multiplies with wgmma
+    (sm_90a); ``sync``: ldmatrix + mma.sync (any sm_80+ GPU)."""
     choice = os.environ.get("FGATTN_CUDA_MMA", "auto")
     if choice not in MMA_PATHS:
         raise ValueError(f"FGATTN_CUDA_MMA: expected one of {MMA_PATHS}, got {choice!r}")
-    return {"auto": (), "sync": ("-DFGATTN_MMA_SYNC",), "ws": (_WS_DEFINE,)}[choice]
+    if choice == "auto":
+        choice = "ws" if arch == "sm_90a" else "sync"
+    if choice in ("ws", "wgmma") and arch != "sm_90a":
+        raise ValueError(f"FGATTN_CUDA_MMA: {choice!r} needs sm_90a (wgmma); this GPU is {arch}")
+    return {"ws": (_WS_DEFINE,), "wgmma": (), "sync": ("-DFGATTN_MMA_SYNC",)}[choice]
 
 
 def launch_shape(variant: Variant, options: tuple[str, ...]) -> tuple[int, int]:
@@ -68,7 +73,7 @@ def load(variant: Variant, device_index: int) -> tuple[nvrtc.CudaKernel, int, in
     """Compile (NVRTC, disk-cached) and load ``variant`` for CUDA device ``device_index`` (once per process
     for each variant, device and matrix path); returns the kernel, its threads per block and dynamic shared
     memory bytes."""
-    options = mma_options()
+    options = mma_options(nvrtc.arch_of(torch.device("cuda", device_index)))
     return (_load(variant, device_index, options), *launch_shape(variant, options))
 
 
@@ -80,8 +85,6 @@ def _load(variant: Variant, device_index: int, options: tuple[str, ...]) -> nvrt
         raise ValueError(f"backend: 'cuda' needs an sm_80+ GPU (cp.async, mma.sync); {props.name} is "
                          f"sm_{props.major}{props.minor}")
     arch = nvrtc.arch_of(device)
-    if _WS_DEFINE in options and arch != "sm_90a":
-        raise ValueError(f"FGATTN_CUDA_MMA: 'ws' (warp-specialized wgmma kernel) needs sm_90a; {props.name} is {arch}")
     _, smem = launch_shape(variant, options)
     limit = getattr(props, "shared_memory_per_block_optin", None)
     if limit is not None and smem > limit:

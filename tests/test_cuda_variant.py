@@ -1,9 +1,9 @@
 """The CUDA variant (templates/cuda/gather_attention.cu.j2 + include/fgattn/*.cuh).
 
 CPU: every variant of the default CUDA search space renders (StrictUndefined) and compiles with nvcc for
-sm_90a (nothing runs), and the default variants' ptxas report shows no spills, on the wgmma, mma.sync and
-warp-specialized (``FGATTN_CUDA_MMA=ws``) paths. GPU (``gpu`` marker, each test on every matrix path:
-``-k mma_ws`` selects the warp-specialized one): ``attention(..., backend="cuda")`` against the fp32
+sm_90a (nothing runs), and the default variants' ptxas report shows no spills, on the warp-specialized
+(the default on sm_90a), wgmma and mma.sync paths. GPU (``gpu`` marker, each test on every matrix path of
+``FGATTN_CUDA_MMA``: ``-k mma_ws`` selects the warp-specialized one): ``attention(..., backend="cuda")`` against the fp32
 reference and FlexAttention at odd sizes, both head dims and dtypes, empty blocks, key granularity 1 and 4,
 strided / misaligned layouts, several variants, head chunks and CUDA-graph capture; outputs are poisoned
 (NaN) before each run.
@@ -150,12 +150,18 @@ def test_ws_launch_shape_matches_kernel():
 
 
 def test_mma_path_choice(monkeypatch):
-    for path, options in [("auto", ()), ("sync", ("-DFGATTN_MMA_SYNC",)), ("ws", ("-DFGATTN_WARP_SPECIALIZED",))]:
+    ws, sync = ("-DFGATTN_WARP_SPECIALIZED",), ("-DFGATTN_MMA_SYNC",)
+    for path, arch, options in [("auto", "sm_90a", ws), ("auto", "sm_80", sync), ("auto", "sm_89", sync),
+                                ("ws", "sm_90a", ws), ("wgmma", "sm_90a", ()), ("sync", "sm_90a", sync)]:
         monkeypatch.setenv("FGATTN_CUDA_MMA", path)
-        assert cuda_backend.mma_options() == options
+        assert cuda_backend.mma_options(arch) == options
+    for path in ("ws", "wgmma"):
+        monkeypatch.setenv("FGATTN_CUDA_MMA", path)
+        with pytest.raises(ValueError, match=rf"^FGATTN_CUDA_MMA: '{path}' needs sm_90a"):
+            cuda_backend.mma_options("sm_80")
     monkeypatch.setenv("FGATTN_CUDA_MMA", "tma")
     with pytest.raises(ValueError, match=r"^FGATTN_CUDA_MMA: expected one of"):
-        cuda_backend.mma_options()
+        cuda_backend.mma_options("sm_90a")
 
 
 def test_nvrtc_builds_default_variants(tmp_path, monkeypatch):
@@ -223,9 +229,9 @@ def test_cuda_backend_needs_cuda_tensors(gen):
 
 @pytest.fixture(params=cuda_backend.MMA_PATHS, ids=[f"mma_{p}" for p in cuda_backend.MMA_PATHS])
 def mma_path(request, monkeypatch):
-    """Runs a GPU test on one matrix path (FGATTN_CUDA_MMA); ws needs sm_90a."""
-    if request.param == "ws" and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("FGATTN_CUDA_MMA=ws needs sm_90a")
+    """Runs a GPU test on one matrix path (FGATTN_CUDA_MMA); ws and wgmma need sm_90a."""
+    if request.param in ("ws", "wgmma") and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(f"FGATTN_CUDA_MMA={request.param} needs sm_90a")
     monkeypatch.setenv("FGATTN_CUDA_MMA", request.param)
     return request.param
 

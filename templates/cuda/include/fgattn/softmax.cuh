@@ -21,10 +21,19 @@ __device__ __forceinline__ void mask_tail(float (&s)[N_FRAGS][4], int valid, int
   }
 }
 
+// Lazy rescaling (as in FlashAttention-4): m moves only when a row of the warp would see a score more than
+// kRescaleLog2 above it; then every row of the warp moves to its true max and the accumulator is rescaled.
+// Otherwise the tile is exponentiated against the stale m (probabilities up to 2^kRescaleLog2, well inside
+// fp32 and bf16/fp16 range) and the accumulator is left as it is. finish() divides by the row sums and
+// reports m + log2(sum) with the same m, so the result does not depend on when m moved; past the first
+// tiles m rarely moves, which saves the D / 2 multiplies of every rescale and the alpha exponentials.
+constexpr float kRescaleLog2 = 8.f;
+
 template <int N_FRAGS, int D_FRAGS>
 struct OnlineSoftmax {
   float m[2];
   float l[2];
+  bool moved;  // the last update moved m (warp-uniform): the accumulator needs rescale()
 
   __device__ __forceinline__ void init() {
     m[0] = m[1] = neg_inf();
@@ -42,19 +51,29 @@ struct OnlineSoftmax {
   }
 
   // Scores s (raw q.k, masked entries -inf) -> probabilities in place; updates m and l and returns in
-  // alpha the factor the accumulator must be rescaled by (rescale), which the caller may defer until
-  // the accumulator is no longer being written (wgmma in flight).
+  // alpha the factor the accumulator must be rescaled by (rescale; 1 when m did not move), which the
+  // caller may defer until the accumulator is no longer being written (wgmma in flight).
   __device__ __forceinline__ void update(float (&s)[N_FRAGS][4], float qk_scale, float (&alpha)[2]) {
+    float m_tile[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = neg_inf();
 #pragma unroll
       for (int n = 0; n < N_FRAGS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-      const float m_new = fmaxf(m[r], quad_max(mx) * qk_scale);
-      // a row with only masked scores so far keeps m = -inf: use 0 as the offset to avoid -inf - -inf
-      const float offset = m_new == neg_inf() ? 0.f : m_new;
-      alpha[r] = fast_exp2(m[r] - offset);
-      m[r] = m_new;
+      m_tile[r] = quad_max(mx) * qk_scale;
+    }
+    // -inf + 8 = -inf: a row's first unmasked scores always move its m
+    moved = __any_sync(0xffffffffu, m_tile[0] > m[0] + kRescaleLog2 || m_tile[1] > m[1] + kRescaleLog2);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      alpha[r] = 1.f;
+      if (moved) {
+        const float m_new = fmaxf(m[r], m_tile[r]);
+        // a row with only masked scores so far keeps m = -inf: alpha 0 (its l and o are 0 anyway)
+        alpha[r] = fast_exp2(m[r] - (m_new == neg_inf() ? 0.f : m_new));
+        m[r] = m_new;
+      }
+      const float offset = m[r] == neg_inf() ? 0.f : m[r];  // avoids -inf - -inf for fully masked rows
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < N_FRAGS; ++n) {
@@ -64,11 +83,12 @@ struct OnlineSoftmax {
           sum += s[n][e];
         }
       }
-      l[r] = l[r] * alpha[r] + sum;
+      l[r] = (moved ? l[r] * alpha[r] : l[r]) + sum;
     }
   }
 
-  static __device__ __forceinline__ void rescale(float (&o)[D_FRAGS][4], const float (&alpha)[2]) {
+  __device__ __forceinline__ void rescale(float (&o)[D_FRAGS][4], const float (&alpha)[2]) const {
+    if (!moved) return;
 #pragma unroll
     for (int d = 0; d < D_FRAGS; ++d) {
       o[d][0] *= alpha[0];
