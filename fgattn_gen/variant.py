@@ -159,18 +159,18 @@ def default_variant(*, dtype: torch.dtype, head_dim: int, block_m: int, block_n:
 
 def default_cuda_variant(*, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int,
                          smem_limit: int = HOPPER_SMEM) -> Variant:
-    """The CUDA variant served without tuning, the best measured on H200 (wgmma path): 128 x 128 tiles,
-    8 warps, 3 stages at head dim 128; 128 x 64 tiles, 8 warps, 3 stages at 64. tile_m 64 (4 warps) where
+    """The CUDA variant served without tuning, the best measured on H200 (warp-specialized path,
+    bench/results/part2_cuda_h200.md): 128 x 128 tiles, 8 warps (two consumer warpgroups), 2 stages at head
+    dim 128 and 64. tile_m 64 (4 warps) where
     block_m is a multiple of 64 only; smaller K/V tiles and 2 stages where ``smem_limit`` (bytes per block)
     is lower. ValueError naming ``keys`` when block_m is not a multiple of 64 (a CTA's rows must lie in one
     query block and each warp owns 16 rows, each warpgroup 64)."""
     if block_m % 64:
         raise ValueError(f"keys: the CUDA backend needs block_m to be a multiple of 64, got {block_m}")
     tile_m = 128 if block_m % 128 == 0 else 64
-    best = (128, 3) if head_dim == 128 else (64, 3)
     common = dict(backend="cuda", dtype=dtype_name(dtype), head_dim=head_dim, block_m=block_m, block_n=block_n,
                   tile_m=tile_m, num_warps=tile_m // 16)
-    for tile_n, stages in (best, (64, 3), (64, 2), (32, 2)):
+    for tile_n, stages in ((128, 2), (64, 3), (64, 2), (32, 2)):
         variant = Variant(**common, tile_n=tile_n, num_stages=stages)
         if variant.smem_bytes() <= smem_limit:
             return variant
