@@ -8,7 +8,7 @@
 #   test      the GPU tests of tests/test_cuda_variant.py on the ws path (-k mma_ws), stopping at the first failure
 #   memcheck  compute-sanitizer memcheck of the smoke calls
 #   bench     bench/bench_attention.py: D=128 S=32760 H=24 and D=64 S=17550 H=48 at densities 1 / 0.3 / 0.1,
-#             CUDA variants on the auto (wgmma) and ws paths, against sdpa-cudnn; bench/results/cuda_ws_check_<gpu>.*
+#             CUDA variants on the ws and wgmma paths, against sdpa-cudnn; bench/results/cuda_ws_check_<gpu>.*
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -46,7 +46,7 @@ run_stage() {
       gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
       timeout 580 python3 bench/bench_attention.py --name "cuda_ws_check_${gpu}" \
         --shapes 1,24,32760,128 1,48,17550,64 --densities 1 0.3 0.1 \
-        --variants cuda_bm128_bn128_w8_s3 cuda_bm128_bn64_w8_s3 --cuda-mma auto ws ;;
+        --variants cuda_bm128_bn128_w8_s2 cuda_bm128_bn128_w8_s3 --cuda-mma ws wgmma ;;
     *) echo "cuda_ws_check: unknown stage $1 (smoke, test, memcheck, bench)" >&2; return 2 ;;
   esac
 }
