@@ -55,6 +55,8 @@ TARGET_DENSITIES = (0.1, 0.2, 0.3, 0.5)
 POOLED_TOP_P = ((0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (0.5, 0.9, 0.99))
 POOLS = ((16, 32, 64, 128), (16, 128))
 GATES = ((-1.0, 0.6), (-1.0, 0.6))
+POOLED_THRESHOLDS = ((0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256), (1, 8, 64))  # x 1/(key groups)
+FINE_POOLED = (((64, 16), (32, 16), (16, 16)), ((32, 16),))  # (block_m, pool) of the finer M x 1 curves
 EXACT_THRESHOLDS = ((0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), (0.5, 4, 32))  # x 1/Sk
 BLOCK_THRESHOLDS = ((1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), (4, 64, 512))  # x 1/Sk, 128x128 masks
 EXACT_TOP_P = ((0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (0.7, 0.95))
@@ -118,12 +120,26 @@ def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log) 
                    dict(top_p=top_p, pool=128, sim_threshold=gate),
                    lambda: pooled_top_p(q, k, top_p=top_p, block_n=128, sim_threshold=gate, keep_keys=text))
     for top_p in POOLED_TOP_P[sweep]:
-        record("pooled_top_p", "64x1", "pooled_top_p 64x1 pool=16 gate=off",
-               dict(top_p=top_p, pool=16, sim_threshold=-1.0),
-               lambda: pooled_top_p(q, k, block_m=64, top_p=top_p, pool=16, sim_threshold=-1.0, keep_keys=text))
+        for block_m, pool in FINE_POOLED[sweep]:
+            record("pooled_top_p", f"{block_m}x1", f"pooled_top_p {block_m}x1 pool={pool} gate=off",
+                   dict(top_p=top_p, pool=pool, sim_threshold=-1.0),
+                   lambda: pooled_top_p(q, k, block_m=block_m, top_p=top_p, pool=pool, sim_threshold=-1.0,
+                                        keep_keys=text))
         record("pooled_top_p", "128x4", "pooled_top_p 128x4 pool=16 gate=off",
                dict(top_p=top_p, pool=16, sim_threshold=-1.0),
                lambda: pooled_top_p(q, k, block_n=4, top_p=top_p, pool=16, sim_threshold=-1.0, keep_keys=text))
+    # the threshold rule (one cut on every pooled probability), M x 1 and 128 x 128 alike
+    n_kblocks128 = -(-seq // 128)
+    for t in POOLED_THRESHOLDS[sweep]:
+        for block_m, pool in ((128, 16), *FINE_POOLED[sweep]):
+            record("pooled_top_p", f"{block_m}x1", f"pooled_top_p {block_m}x1 pool={pool} threshold",
+                   dict(threshold_x_uniform=t, pool=pool, sim_threshold=-1.0),
+                   lambda: pooled_top_p(q, k, block_m=block_m, threshold=min(1.0, t / seq), pool=pool,
+                                        sim_threshold=-1.0, keep_keys=text))
+        record("pooled_top_p", "128x128", "pooled_top_p 128x128 threshold",
+               dict(threshold_x_uniform=t, pool=128, sim_threshold=-1.0),
+               lambda: pooled_top_p(q, k, block_n=128, threshold=min(1.0, t / n_kblocks128), sim_threshold=-1.0,
+                                    keep_keys=text))
 
     precisions = ("exact", "fp8") if torch.cuda.is_available() else ("exact",)
     for block_m, block_n, granularity, thresholds in ((128, 1, "128x1", EXACT_THRESHOLDS),
@@ -307,7 +323,7 @@ def plot(result: dict, path: Path) -> bool:
                     curves.setdefault(r["curve"], []).append((r["density"], max(r["rel_l2"], 1e-5)))
             for name, pts in sorted(curves.items()):
                 pts.sort()
-                style = {"128x128": "--", "64x1": ":", "128x4": "-."}.get(name.split()[1], "-")
+                style = {"128x128": "--", "64x1": ":", "32x1": ":", "16x1": ":", "128x4": "-."}.get(name.split()[1], "-")
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=name[len(predictor) + 1:])
             ax.set_xscale("linear")
             ax.set_yscale("log")

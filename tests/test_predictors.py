@@ -47,8 +47,8 @@ def _always_kept(mask, block_m, block_n, seq_q, seq_k, keep_keys, local_window):
     return mask
 
 
-def slow_pooled_top_p(q, k, *, block_m, block_n=1, top_p, sim_threshold, pool=None, keep_keys=(),
-                      local_window=None):
+def slow_pooled_top_p(q, k, *, block_m, block_n=1, top_p=None, sim_threshold, pool=None, keep_keys=(),
+                      local_window=None, threshold=None):
     # On CUDA, half-precision inputs are scored on tensor cores: q̄ * scale and k̄ rounded to the input dtype.
     score_dtype = q.dtype if q.is_cuda and q.dtype != torch.float32 else torch.float32
     q, k = q.cpu(), k.cpu()
@@ -66,7 +66,10 @@ def slow_pooled_top_p(q, k, *, block_m, block_n=1, top_p, sim_threshold, pool=No
                 similarity = torch.nn.functional.cosine_similarity(rows, q_mean[None], dim=-1).mean()
                 scores = (q_mean / math.sqrt(d)).to(score_dtype).float() @ k_mean.to(score_dtype).float().T
                 p = torch.softmax(scores, -1)
-                keep = torch.ones_like(p, dtype=torch.bool) if similarity < sim_threshold else _top_p_keep(p, top_p)
+                if similarity < sim_threshold:
+                    keep = torch.ones_like(p, dtype=torch.bool)
+                else:
+                    keep = p > threshold if threshold is not None else _top_p_keep(p, top_p)
                 mask[bi, hi, start // block_m] |= keep
     return _always_kept(mask, block_m, block_n, seq_q, seq_k, keep_keys, local_window)
 
@@ -155,6 +158,23 @@ def test_pooled_top_p_matches_slow(gen, backend, seq_q, seq_k, block_m, pool, bl
     assert (keys.block_m, keys.block_n) == (block_m, block_n)
     expected = slow_pooled_top_p(q, k, block_m=block_m, block_n=block_n, pool=pool, top_p=top_p, sim_threshold=-1.0)
     assert_same_keys(keys.to_mask(), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seq_q, seq_k, block_m, pool, block_n, t_x_uniform", [
+    (100, 77, 32, None, 1, 2.0), (130, 150, 64, 16, 1, 1.0), (90, 200, 32, 16, 16, 1.0), (16, 300, 16, 16, 1, 1.0)])
+def test_pooled_threshold_matches_slow(gen, backend, seq_q, seq_k, block_m, pool, block_n, t_x_uniform):
+    """The threshold rule: a key group is kept where its pooled probability exceeds the threshold for a
+    group of the block (t_x_uniform times the uniform probability); the similarity gate still applies."""
+    q, k = randn(gen, 1, 2, seq_q, 64), randn(gen, 1, 2, seq_k, 64)
+    threshold = t_x_uniform / -(-seq_k // block_n)
+    for gate in (-1.0, 0.1):  # random queries: the gate keeps every key of some blocks
+        keys = pooled_top_p(q, k, block_m=block_m, block_n=block_n, pool=pool, threshold=threshold,
+                            sim_threshold=gate, backend=backend)
+        expected = slow_pooled_top_p(q, k, block_m=block_m, block_n=block_n, pool=pool, threshold=threshold,
+                                     sim_threshold=gate)
+        assert_same_keys(keys.to_mask(), expected)
+        assert 0.0 < expected.float().mean() < 1.0 or gate > -1.0
 
 
 def test_pooled_top_p_bf16_strided(gen):
@@ -362,6 +382,8 @@ def qk(gen):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=float("nan")), "top_p"),
     (dict(top_p=True), "top_p"), (dict(top_p="0.9"), "top_p"),
+    (dict(threshold=0.0), "threshold"), (dict(threshold=1.5), "threshold"),
+    (dict(threshold=0.1, top_p=0.9), "threshold, top_p"),
     (dict(sim_threshold=-1.5), "sim_threshold"), (dict(sim_threshold=1.01), "sim_threshold"),
     (dict(sim_threshold=float("inf")), "sim_threshold"),
     (dict(block_m=0), "block_m"), (dict(block_n=2.0), "block_n"), (dict(pool=48), "pool"), (dict(pool=0), "pool"),
