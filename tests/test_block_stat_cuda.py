@@ -136,8 +136,8 @@ needs_hopper = pytest.mark.skipif(not _hopper(), reason="the CUDA statistics ker
 def test_gpu_cuda_words_match_triton_and_slow(d, seq_q, seq_k, t_x_sk):
     """Against the Triton fp8 kernel (same operands: differences only from fp32 summation order at the
     threshold) and the slow fp32 rule: fp8 rounding moves scores by up to ~0.1 here, so every key whose fp32
-    statistic is more than 0.5 (natural log) from the threshold must agree, and at most 5 % of all bits may
-    differ; padding bits past Sk are zero. Thresholds t_x_sk / Sk keep 5-65 % of the keys of these inputs
+    statistic is more than 0.5 (natural log) from the threshold must agree, and at most 8 % of all bits may
+    differ (2-3 % measured on the larger shapes); padding bits past Sk are zero. Thresholds t_x_sk / Sk keep 5-65 % of the keys of these inputs
     (0.5 / Sk keeps nearly all of them: 128 peaked rows per block)."""
     q, k, lse, scale = _inputs(3, seq_q, seq_k, d, seed=seq_q + seq_k + d, offset=1.0)
     args = dict(block_m=128, scale=scale, mode="words", precision="fp8", threshold=min(1.0, t_x_sk / seq_k),
@@ -150,10 +150,10 @@ def test_gpu_cuda_words_match_triton_and_slow(d, seq_q, seq_k, t_x_sk):
     assert not cb[..., seq_k:].any()
     # fractions, with a few bits of slack on the smallest shapes (a few hundred bits in all)
     assert (cb != tb).sum().item() <= max(1e-3 * cb.numel(), 2)
-    assert (cb[..., :seq_k] != sb[..., :seq_k]).sum().item() <= max(5e-2 * cb[..., :seq_k].numel(), 4)
     log_max = block_stat(q.float(), k.float(), lse, **{**args, "mode": "max", "precision": "exact", "backend": "torch"})
     far = (log_max - math.log(args["threshold"])).abs() > 0.5
     assert torch.equal(cb[..., :seq_k][far], sb[..., :seq_k][far])
+    assert (cb[..., :seq_k] != sb[..., :seq_k]).float().mean().item() <= 0.08
     assert 0.0 < cb[..., :seq_k].float().mean() < 1.0 or seq_k == 1
     old = block_stats.CUDA_KEY_SPLITS  # the default splits small heads' keys over CTAs; one CTA per pair:
     block_stats.CUDA_KEY_SPLITS = 1
