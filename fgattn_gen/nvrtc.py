@@ -127,8 +127,11 @@ class CudaKernel:
 
 
 @functools.cache
-def load_kernel(source_file: Path, name: str, device_index: int, defines: tuple[tuple[str, int], ...] = ()) -> CudaKernel:
-    """Compile (cached) and load kernel ``name`` of ``source_file`` for CUDA device ``device_index``."""
+def load_kernel(source_file: Path, name: str, device_index: int, defines: tuple[tuple[str, int], ...] = (),
+                headers: tuple[tuple[str, str], ...] = ()) -> CudaKernel:
+    """Compile (cached) and load kernel ``name`` of ``source_file`` for CUDA device ``device_index``;
+    ``headers`` as in ``compile_cubin``."""
     device = torch.device("cuda", device_index)
     options = tuple(f"-D{k}={v}" for k, v in defines)
-    return CudaKernel(compile_cubin(source_file.read_text(), name, arch_of(device), options), name, device)
+    cubin = compile_cubin(source_file.read_text(), name, arch_of(device), options, headers=headers)
+    return CudaKernel(cubin, name, device)

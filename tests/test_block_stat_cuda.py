@@ -34,7 +34,8 @@ def test_cuda_kernel_builds_without_spills(tmp_path, d):
     stages = block_stats.CUDA_STAGES
     defines = [f"-DFGATTN_STAT_HEAD_DIM={d}", f"-DFGATTN_STAT_STAGES={stages}",
                f"-DFGATTN_STAT_EXPECT_SMEM={cuda_stat_smem_bytes(d, stages)}"]
-    base = [nvcc, "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", *defines]
+    base = [nvcc, "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-I", str(templates_dir() / "cuda" / "include"),
+            *defines]
     done = subprocess.run([*base, "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(SOURCE)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

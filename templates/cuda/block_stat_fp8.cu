@@ -35,12 +35,15 @@
 // each ORs the quad and packs the warp's 16 keys as nibbles, compressed to 16 bits; lanes 0 / 1 store the
 // warp's half word of block qb / qb + 1 (16-bit stores; two warps make one 32-bit KeySet word).
 
+#include "fgattn/sync_sm90.cuh"
+#include "fgattn/wgmma_ops.cuh"
+
 constexpr int HEAD_DIM = FGATTN_STAT_HEAD_DIM;
 constexpr int STAGES = FGATTN_STAT_STAGES;
 static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "head dim 64 or 128");
 static_assert(STAGES % 2 == 0 && STAGES >= 2, "even stage count: stage s always serves consumer s % 2");
 
-typedef unsigned u32;
+using namespace fgattn;  // u32, smem_u32, dynamic_smem_bytes, mbarriers, named barriers, wgmma_fence / commit / wait
 typedef unsigned long long u64;
 
 constexpr int ROW_BYTES = HEAD_DIM;  // e4m3: one byte per element
@@ -63,37 +66,8 @@ constexpr u32 SBO = 8 * ROW_BYTES;                     // bytes between 8-row gr
 constexpr int THREADS = 384;
 constexpr float LOG2E = 1.4426950408889634f;
 
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-__device__ __forceinline__ u32 dynamic_smem_size() {
-  u32 r;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-  return r;
-}
-
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-
 __device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-  u32 done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  } while (!done);
 }
 
 // bytes (multiple of 16, both addresses 16-byte aligned) global -> shared, completing on mbarrier bar
@@ -102,22 +76,10 @@ __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u
                ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
-__device__ __forceinline__ void named_bar_sync(u32 id, u32 threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void named_bar_arrive(u32 id, u32 threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
 // K-major operand descriptor: start address, LBO unused under swizzle (1), SBO between 8-row groups.
 __device__ __forceinline__ u64 desc(u32 addr) {
   return (u64)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((u64)(SBO >> 4) << 32) | (SWIZZLE_MODE << 62);
 }
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
 
 // d (+)= A(keys x 32, smem) * B(256 query rows x 32, smem)^T, e4m3 inputs, fp32 accumulators; scale_d = 0
 // overwrites d. d[4 j + e]: row (lane / 4) + 8 (e / 2) of the warp's 16, column 8 j + 2 (lane % 4) + e % 2.
@@ -163,7 +125,7 @@ fgattn_block_stat_fp8(const unsigned char* __restrict__ q8, const unsigned char*
   const int lane = tid % 32;
 
   if (tid == 0) {
-    if (dynamic_smem_size() < (u32)SMEM_BYTES) __trap();  // launcher and kernel disagree on the layout
+    if (dynamic_smem_bytes() < (u32)SMEM_BYTES) __trap();  // launcher and kernel disagree on the layout
 #pragma unroll 1
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full + 8 * s, 1);
@@ -209,14 +171,14 @@ fgattn_block_stat_fp8(const unsigned char* __restrict__ q8, const unsigned char*
     }
     asm volatile("st.shared.f32 [%0], %1;" ::"r"(base + SMEM_C + 4 * r), "f"(c) : "memory");
   }
-  named_bar_sync(3, 256);
+  named_sync(3, 256);
   float cth[32][2];  // c of this thread's accumulator columns 8 j + 2 (lane % 4) + {0, 1}
 #pragma unroll
   for (int j = 0; j < 32; ++j) {
     asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
                  : "=f"(cth[j][0]), "=f"(cth[j][1]) : "r"(base + SMEM_C + 4 * (8 * j + 2 * (lane % 4))));
   }
-  if (wg == 1) named_bar_arrive(1, 256);  // consumer 0 issues first
+  if (wg == 1) named_arrive(1, 256);  // consumer 0 issues first
   mbar_wait(q_full, 0);
 
   const u64 desc_q = desc(base + SMEM_Q);
@@ -226,7 +188,7 @@ fgattn_block_stat_fp8(const unsigned char* __restrict__ q8, const unsigned char*
     const int t = t0 + i;
     const int s = i % STAGES;
     mbar_wait(full + 8 * s, (i / STAGES) & 1);
-    named_bar_sync(1 + wg, 256);  // my turn on the tensor cores
+    named_sync(1 + wg, 256);  // my turn on the tensor cores
     const u64 desc_k = desc(base + SMEM_K + s * STAGE_BYTES);
     wgmma_fence();
 #pragma unroll
@@ -235,8 +197,8 @@ fgattn_block_stat_fp8(const unsigned char* __restrict__ q8, const unsigned char*
       wgmma_m64n256k32_e4m3(acc, desc_k + 2 * ks, desc_q + 2 * ks, ks > 0 ? 1 : 0);
     }
     wgmma_commit();
-    if (i + 1 < n_local) named_bar_arrive(2 - wg, 256);  // the other consumer's next tile may issue
-    wgmma_wait_all();
+    if (i + 1 < n_local) named_arrive(2 - wg, 256);  // the other consumer's next tile may issue
+    wgmma_wait<0>();
     fence_regs(acc);
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + 8 * s);  // this warp is done with the stage
