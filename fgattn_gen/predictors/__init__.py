@@ -1,6 +1,7 @@
 """Training-free predictors of the keys each query block needs (they return a ``KeySet``).
 
-- ``pooled_top_p(q, k, ...)``: mean query of each pooled group, top-p over softmax(q̄ . k̄) (cheap, every step).
+- ``pooled_top_p(q, k, ...)``: mean query of each pooled group, top-p (or a threshold) over softmax(q̄ . k̄)
+  (cheap, every step).
 - ``exact_mask(q, k, v, ...)``: one dense pass returns the output and the exact mask of its probabilities.
 - ``CachedMask``: exact masks at a few refresh steps, reused per layer and CFG branch in between.
 
