@@ -29,7 +29,7 @@ import triton.testing
 from fgattn_gen import KeySet, Variant, attention, reference_attention
 from fgattn_gen.cuda_backend import MMA_PATHS
 from fgattn_gen.baselines import flex_block, flex_block_mask, sdpa
-from benchlib import run_info, write_results
+from benchlib import header_lines, run_info, write_results
 from fgattn_gen.synthetic import local_block_mask
 
 BLOCK_M, BLOCK_N = 128, 1
@@ -151,8 +151,7 @@ def bench_shape(shape, densities, variants, dtype, peers, rows, log, mma_paths=(
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
-    lines = [f"# {result['name']}", "", f"Card: {result['device']}. Date: {result['date']}. "
-             f"Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+    lines = [*header_lines(result),
              "Times are medians (triton.testing.do_bench). fgattn-* include KeySet compaction; "
              "best measured variant per row. Speedup = sdpa-cudnn time / time; TFLOP/s on computed elements.", "",
              "| shape [B,H,Sq,Sk,D] | density | impl | ms | TFLOP/s | speedup vs sdpa-cudnn | variant |",

@@ -33,7 +33,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from fgattn_gen import attention  # noqa: E402
-from benchlib import run_info, timer, write_results  # noqa: E402
+from benchlib import header_lines, run_info, timer, write_results  # noqa: E402
 from fgattn_gen.ditdata import SHAPES, DitShape, dit_qkv  # noqa: E402
 from fgattn_gen.predictors import exact_mask, pooled_top_p  # noqa: E402
 
@@ -108,9 +108,7 @@ def bench_shape(shape: DitShape, *, layout: str, cpu: bool, log) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# {result['name']}", "",
-             f"Card: {result['device']}. Date: {result['date']}. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+    lines = [*header_lines(result),
              "One whole attention call per row (predictor + registry lookup + kernel, KeySet compaction "
              "included) on DiT-like bf16 q/k/v (`fgattn_gen.ditdata`), the predictors at their default "
              "settings, text keys kept. Times: medians of `triton.testing.do_bench`; speedup = SDPA time / "

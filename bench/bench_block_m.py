@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.testing
 
-from benchlib import run_info, write_results
+from benchlib import header_lines, run_info, write_results
 from fgattn_gen import KeySet, attention, default_variant
 from fgattn_gen.baselines import sdpa
 from fgattn_gen.synthetic import local_block_mask
@@ -30,8 +30,7 @@ def median_ms(fn) -> float:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# {result['name']}", "", f"Card: {result['device']}. Date: {result['date']}. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+    lines = [*header_lines(result),
              f"Shape [B,H,S,D] {result['shape']}, bf16; sdpa-cudnn {result['dense_ms']:.3f} ms. Medians of "
              "triton.testing.do_bench, KeySet compaction included.", "",
              "| density | block_m | backend | variant | ms | speedup vs sdpa-cudnn |", "|---|---|---|---|---|---|"]

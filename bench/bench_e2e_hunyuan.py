@@ -44,7 +44,7 @@ from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from benchlib import run_info, write_results  # noqa: E402
+from benchlib import header_lines, run_info, write_results  # noqa: E402
 from fgattn_gen.integrations import SparseSelfAttention, install  # noqa: E402
 
 FULL_LAYERS = (20, 40)  # dual-stream, single-stream blocks of the released model
@@ -187,9 +187,7 @@ def run(label: str, model, inputs: dict, clock: Clock, *, context, layer_call, a
 def markdown(result: dict) -> str:
     s = result["settings"]
     extrapolated = s["layers"] != sum(FULL_LAYERS)
-    lines = [f"# {result['name']}", "",
-             f"Card: {result['device']}. Date: {result['date']}. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+    lines = [*header_lines(result),
              f"HunyuanVideoTransformer3DModel, diffusers default config with {s['dual_blocks']} dual + "
              f"{s['single_blocks']} single-stream blocks, {s['heads']} heads x 128, random bf16 weights "
              f"({s['params_b']:.2f} B parameters). Latents {s['latents']} -> {s['video_tokens']:,} video + "

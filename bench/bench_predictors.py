@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchlib import RESULTS, run_info, timer, write_results  # noqa: E402
+from benchlib import RESULTS, header_lines, run_info, timer, write_results  # noqa: E402
 from fgattn_gen import KeySet, attention, reference_attention  # noqa: E402
 from fgattn_gen.baselines import sdpa  # noqa: E402
 from fgattn_gen.ditdata import SHAPES, dit_qkv  # noqa: E402
@@ -340,8 +340,7 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# {result['name']}", "", f"Card: {result['device']}. Date: {result['date']}. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+    lines = [*header_lines(result),
              "Error = sparse `attention()` output (bf16 kernel) vs dense fp32 `reference_attention` on a slice "
              "of query blocks (all heads); density = whole KeySet. Errors at a target density are log-linear "
              "interpolations along each curve (blank: outside the curve's range). Pooled predictors keep "

@@ -39,6 +39,12 @@ def run_info(cpu: bool, **versions: str) -> dict:
                               cuda=torch.version.cuda, cudnn=str(torch.backends.cudnn.version()), **versions))
 
 
+def header_lines(result: dict) -> list[str]:
+    """The Markdown title and run line (card, date, versions) of a ``run_info`` result, then a blank line."""
+    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+    return [f"# {result['name']}", "", f"Card: {result['device']}. Date: {result['date']}. Versions: {versions}.", ""]
+
+
 def write_results(name: str, result: dict, table: str) -> Path:
     """Write ``result`` as JSON and ``table`` as Markdown under bench/results/; print the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
