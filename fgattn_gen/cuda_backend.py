@@ -73,8 +73,14 @@ def load(variant: Variant, device_index: int) -> tuple[nvrtc.CudaKernel, int, in
     """Compile (NVRTC, disk-cached) and load ``variant`` for CUDA device ``device_index`` (once per process
     for each variant, device and matrix path); returns the kernel, its threads per block and dynamic shared
     memory bytes."""
-    options = mma_options(nvrtc.arch_of(torch.device("cuda", device_index)))
+    options = mma_options(_arch(device_index))
     return (_load(variant, device_index, options), *launch_shape(variant, options))
+
+
+@functools.cache
+def _arch(device_index: int) -> str:
+    """``nvrtc.arch_of`` of a device, looked up once (``load`` runs on every attention call)."""
+    return nvrtc.arch_of(torch.device("cuda", device_index))
 
 
 @functools.cache
