@@ -5,7 +5,8 @@ beside the same predictors at 128 x 128 block granularity, and their overhead ag
     PYTHONPATH=. python bench/bench_predictors.py --name predictors_cpu --cpu     # CPU smoke run (interpreter)
 
 Accuracy: DiT-like q/k/v (``fgattn_gen.ditdata``: HunyuanVideo-like 24 heads x D=128 and CogVideoX-like
-48 heads x D=64 grids). Each predictor configuration predicts a KeySet for the whole call; its density is
+48 heads x D=64 grids), one call per ``--seeds`` value (default 0; the generator runs on the benchmark's
+device, so a seed's tensors differ between CPU and GPU). Each predictor configuration predicts a KeySet for the whole call; its density is
 that of the whole KeySet; its error is measured on a slice of ``--eval-blocks`` query blocks of 128 rows
 spread over the sequence (all heads): sparse ``fgattn_gen.attention`` (bf16 kernel) against the dense fp32
 ``reference_attention``: rel_l2 = |out - ref| / |ref| over the slice, cos = mean over query rows of the
@@ -44,8 +45,7 @@ from fgattn_gen.ditdata import SHAPES, dit_qkv  # noqa: E402
 from fgattn_gen.predictors import exact_mask, pooled_top_p  # noqa: E402
 from fgattn_gen.predictors.block_stats import block_stat  # noqa: E402
 from fgattn_gen.predictors.dense import dense_attention_with_lse  # noqa: E402
-from fgattn_gen.predictors.pooled_top_p import _pooled_scores  # noqa: E402
-from fgattn_gen.predictors.pooling import group_mean_and_similarity  # noqa: E402
+from fgattn_gen.predictors.pooling import group_mean_and_similarity, pooled_scores  # noqa: E402
 from fgattn_gen.predictors.threshold import top_p_words  # noqa: E402
 
 EVAL_BLOCK = 128
@@ -55,8 +55,10 @@ TARGET_DENSITIES = (0.1, 0.2, 0.3, 0.5)
 POOLED_TOP_P = ((0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (0.5, 0.9, 0.99))
 POOLS = ((16, 32, 64, 128), (16, 128))
 GATES = ((-1.0, 0.6), (-1.0, 0.6))
-POOLED_THRESHOLDS = ((0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256), (1, 8, 64))  # x 1/(key groups)
-FINE_POOLED = (((64, 16), (32, 16), (16, 16)), ((32, 16),))  # (block_m, pool) of the finer M x 1 curves
+POOLED_THRESHOLDS = ((0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256), (1, 8, 64))  # x 1/(key groups)
+FINE_POOLED = (((64, 16), (32, 16), (16, 16), (16, 8), (16, 4), (16, 2)), ((32, 16),))  # (block_m, pool), finer M x 1
+VARIANCE_POOLED = (((16, 16), (16, 4), (16, 2), (128, 128)), ((32, 16),))  # threshold rule with query_variance
+EXACT_FINE = (((64, 1, "64x1"), (32, 1, "32x1"), (16, 1, "16x1")), ((64, 1, "64x1"),))  # exact-mask M x 1
 EXACT_THRESHOLDS = ((0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), (0.5, 4, 32))  # x 1/Sk
 BLOCK_THRESHOLDS = ((1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), (4, 64, 512))  # x 1/Sk, 128x128 masks
 EXACT_TOP_P = ((0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (0.7, 0.95))
@@ -86,14 +88,14 @@ class Evaluator:
         return dict(density=keys.density(), rel_l2=rel_l2, cos=cos)
 
 
-def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log) -> list[dict]:
-    data = dit_qkv(shape_name, dtype=torch.bfloat16, device=device, seed=0)
+def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log, seed: int = 0) -> list[dict]:
+    data = dit_qkv(shape_name, dtype=torch.bfloat16, device=device, seed=seed)
     q, k, v = data.q, data.k, data.v
     shape = data.shape
     seq = shape.seq
     text = [shape.text_range] if shape.text_tokens else None
     evaluate = Evaluator(q, k, v, n_blocks)
-    base = dict(shape=shape_name, heads=shape.heads, head_dim=shape.head_dim, seq=seq,
+    base = dict(shape=shape_name, seed=seed, heads=shape.heads, head_dim=shape.head_dim, seq=seq,
                 eval_rows=len(evaluate.rows))
     rows = []
 
@@ -103,10 +105,11 @@ def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log) 
             row = dict(predictor=predictor, granularity=granularity, curve=curve, knobs=knobs, **base,
                        **evaluate(predict()))
         except Exception as exc:  # noqa: BLE001 - report and go on with the other configurations
-            log(f"{shape_name:14s} {curve:44s} {json.dumps(knobs):40s} FAILED {type(exc).__name__}: {str(exc)[:300]}")
+            log(f"{shape_name:14s} s{seed} {curve:44s} {json.dumps(knobs):40s} FAILED {type(exc).__name__}: "
+                f"{str(exc)[:300]}")
             return
         rows.append(row)
-        log(f"{shape_name:14s} {curve:44s} {json.dumps(knobs):40s} density {row['density']:.3f} "
+        log(f"{shape_name:14s} s{seed} {curve:44s} {json.dumps(knobs):40s} density {row['density']:.3f} "
             f"rel_l2 {row['rel_l2']:.4f} cos {row['cos']:.5f}")
 
     for gate in GATES[sweep]:
@@ -140,10 +143,18 @@ def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log) 
                dict(threshold_x_uniform=t, pool=128, sim_threshold=-1.0),
                lambda: pooled_top_p(q, k, block_n=128, threshold=min(1.0, t / n_kblocks128), sim_threshold=-1.0,
                                     keep_keys=text))
+        for block_m, pool in VARIANCE_POOLED[sweep]:  # the second-order term (query_variance)
+            block_n = 128 if block_m == 128 and pool == 128 else 1
+            granularity = f"{block_m}x{block_n}"
+            groups = seq if block_n == 1 else n_kblocks128
+            record("pooled_top_p", granularity, f"pooled_top_p {granularity} pool={pool} threshold variance",
+                   dict(threshold_x_uniform=t, pool=pool, sim_threshold=-1.0, query_variance=True),
+                   lambda: pooled_top_p(q, k, block_m=block_m, block_n=block_n, threshold=min(1.0, t / groups),
+                                        pool=pool, sim_threshold=-1.0, keep_keys=text, query_variance=True))
 
     precisions = ("exact", "fp8") if torch.cuda.is_available() else ("exact",)
     for block_m, block_n, granularity, thresholds in ((128, 1, "128x1", EXACT_THRESHOLDS),
-                                                      (64, 1, "64x1", EXACT_THRESHOLDS),
+                                                      *((*fine, EXACT_THRESHOLDS) for fine in EXACT_FINE[sweep]),
                                                       (128, 128, "128x128", BLOCK_THRESHOLDS)):
         for precision in precisions if granularity == "128x1" else ("exact",):
             suffix = "" if precision == "exact" else " fp8"
@@ -152,7 +163,7 @@ def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log) 
                        dict(threshold_x_sk=t, score_precision=precision),
                        lambda: exact_mask(q, k, v, block_m=block_m, block_n=block_n, threshold=min(1.0, t / seq),
                                           score_precision=precision)[1])
-            if block_m == 64:
+            if block_m < 128:
                 continue
             for top_p in EXACT_TOP_P[sweep]:
                 record("exact_mask", granularity, f"exact_mask {granularity} top_p{suffix}",
@@ -172,13 +183,13 @@ def error_at(points: list[tuple[float, float]], density: float) -> float:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per shape and target density: every curve's interpolated error; best M x 1 (block_n = 1) over best
-    128 x 128."""
+    """Per shape, data seed and target density: every curve's interpolated error; best M x 1 (block_n = 1)
+    over best 128 x 128."""
     out = []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
+    for shape, seed in dict.fromkeys((r["shape"], r["seed"]) for r in rows):
         curves: dict[str, dict] = {}
         for r in rows:
-            if r["shape"] == shape:
+            if (r["shape"], r["seed"]) == (shape, seed):
                 c = curves.setdefault(r["curve"], dict(predictor=r["predictor"], granularity=r["granularity"],
                                                        points=[]))
                 c["points"].append((r["density"], r["rel_l2"]))
@@ -200,7 +211,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 (fe, fn), (be, bn) = best(fine_pred, True), best(block_pred, False)
                 comparisons[label] = dict(ratio=fe / be if be == be and fe == fe else float("nan"),
                                           fine=fn, fine_rel_l2=fe, block=bn, block_rel_l2=be)
-            out.append(dict(shape=shape, density=density, errors=errors, comparisons=comparisons))
+            out.append(dict(shape=shape, seed=seed, density=density, errors=errors, comparisons=comparisons))
     return out
 
 
@@ -257,6 +268,13 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
            predictor="pooled_top_p", granularity="128x128", pool=128)
     record("pooled_top_p 128x4 pool=16 (top_p 0.9, gate 0.6)", lambda: pooled_top_p(q, k, pool=16, block_n=4),
            predictor="pooled_top_p", granularity="128x4", pool=16)
+    # the most accurate M x 1 settings of the accuracy benchmark (16 x 1, threshold rule near density 0.1)
+    for block_m, pool, variance in ((128, 16, False), (16, 16, False), (16, 16, True), (16, 4, True),
+                                    (16, 2, True)):
+        record(f"pooled_top_p {block_m}x1 pool={pool} threshold 1/Sk" + (", query_variance" if variance else ""),
+               lambda: pooled_top_p(q, k, block_m=block_m, pool=pool, threshold=1 / seq, sim_threshold=-1.0,
+                                    query_variance=variance),
+               predictor="pooled_top_p", granularity=f"{block_m}x1", pool=pool)
     for pool in (32, 64):
         record(f"pooled_top_p 128x1 pool={pool}, search_iters=8",
                lambda: pooled_top_p(q, k, pool=pool, search_iters=8),
@@ -267,8 +285,8 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
         record(f"  part: pooling + similarity, pool={pool}",
                lambda: group_mean_and_similarity(q[0], pool, backend=backend))
         record(f"  part: pooled scores (bmm, fp32 out), pool={pool}",
-               lambda: _pooled_scores(q_mean, k[0], scale, q.dtype))
-        scores = _pooled_scores(q_mean, k[0], scale, q.dtype)
+               lambda: pooled_scores(q_mean, k[0], scale, q.dtype))
+        scores = pooled_scores(q_mean, k[0], scale, q.dtype)
         for warps in (None,) if cpu or pool == 16 else (None, 8, 32):
             kernel = "CUDA kernel" if warps is None and not cpu else f"Triton num_warps={warps or 'default'}"
             record(f"  part: top-p search + bits, pool={pool}, {kernel}",
@@ -281,6 +299,10 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
             record(f"exact_mask refresh 128x1 {rule_name} ({precision})",
                    lambda: exact_mask(q, k, v, score_precision=precision, **rule),
                    predictor="exact_mask", granularity="128x1", score_precision=precision)
+    for block_m in (64, 16):
+        record(f"exact_mask refresh {block_m}x1 threshold 0.5/Sk (fp8)",
+               lambda: exact_mask(q, k, v, block_m=block_m, score_precision="fp8"),
+               predictor="exact_mask", granularity=f"{block_m}x1", score_precision="fp8")
     _, lse = dense_attention_with_lse(q, k, v, scale)
     launches = ({},) if cpu else ({}, {"pair": True}, {"num_stages": 2}, {"num_stages": 4}, {"tile_n": 64},
                                   {"tile_n": 128}, {"num_warps": 4}, {"num_warps": 8})
@@ -312,6 +334,7 @@ def plot(result: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    seed = result["accuracy"][0]["seed"]  # the first data seed's curves
     shapes = list(dict.fromkeys(r["shape"] for r in result["accuracy"]))
     fig, axes = plt.subplots(2, len(shapes), figsize=(7 * len(shapes), 10), squeeze=False)
     for col, shape in enumerate(shapes):
@@ -319,7 +342,7 @@ def plot(result: dict, path: Path) -> bool:
             ax = axes[row][col]
             curves = {}
             for r in result["accuracy"]:
-                if r["shape"] == shape and r["predictor"] == predictor:
+                if (r["shape"], r["seed"], r["predictor"]) == (shape, seed, predictor):
                     curves.setdefault(r["curve"], []).append((r["density"], max(r["rel_l2"], 1e-5)))
             for name, pts in sorted(curves.items()):
                 pts.sort()
@@ -330,7 +353,7 @@ def plot(result: dict, path: Path) -> bool:
             ax.set_xlim(0, 1)
             ax.set_xlabel("key density of the KeySet")
             ax.set_ylabel("relative L2 error vs dense fp32")
-            ax.set_title(f"{predictor} on {shape}")
+            ax.set_title(f"{predictor} on {shape}, data seed {seed}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(f"{result['name']}: {result['device']}, {result['date']}")
@@ -345,20 +368,32 @@ def markdown(result: dict) -> str:
              "of query blocks (all heads); density = whole KeySet. Errors at a target density are log-linear "
              "interpolations along each curve (blank: outside the curve's range). Pooled predictors keep "
              "the text tokens. Plot: " + f"`{result['name']}.png`.", ""]
-    for shape in dict.fromkeys(s["shape"] for s in result["summary"]):
-        lines += [f"## {shape}: best M x 1 vs best 128 x 128 at equal density", "",
+    summary = result["summary"]
+    seeds = list(dict.fromkeys(s["seed"] for s in summary))
+    lines += ["## Best M x 1 / best 128 x 128 at equal density, per data seed", "",
+              "| shape | comparison | density | " + " | ".join(f"seed {seed}" for seed in seeds) + " | worst |",
+              "|---|---|---|" + "---|" * (len(seeds) + 1)]
+    for shape in dict.fromkeys(s["shape"] for s in summary):
+        for label in summary[0]["comparisons"]:
+            for density in TARGET_DENSITIES:
+                ratios = [s["comparisons"][label]["ratio"] for seed in seeds for s in summary
+                          if (s["shape"], s["seed"], s["density"]) == (shape, seed, density)]
+                worst = max(ratios) if all(r == r for r in ratios) else float("nan")
+                lines.append(f"| {shape} | {label} | {density} | " + " | ".join(f"{r:.2f}" for r in ratios)
+                             + f" | {worst:.2f} |")
+    lines.append("")
+    for shape, seed in dict.fromkeys((s["shape"], s["seed"]) for s in summary):
+        per = [s for s in summary if (s["shape"], s["seed"]) == (shape, seed)]
+        lines += [f"## {shape}, seed {seed}: best M x 1 vs best 128 x 128 at equal density", "",
                   "| density | comparison | ratio | M x 1 curve (rel_l2) | 128 x 128 curve (rel_l2) |",
                   "|---|---|---|---|---|"]
-        for s in result["summary"]:
-            if s["shape"] != shape:
-                continue
+        for s in per:
             for label, c in s["comparisons"].items():
                 lines.append(f"| {s['density']} | {label} | {c['ratio']:.2f} | {c['fine']} ({c['fine_rel_l2']:.4f}) "
                              f"| {c['block']} ({c['block_rel_l2']:.4f}) |")
-        lines += ["", f"### {shape}: rel_l2 of every curve at the target densities", "",
+        lines += ["", f"### {shape}, seed {seed}: rel_l2 of every curve at the target densities", "",
                   "| curve | " + " | ".join(str(d) for d in TARGET_DENSITIES) + " |",
                   "|---|" + "---|" * len(TARGET_DENSITIES)]
-        per = [s for s in result["summary"] if s["shape"] == shape]
         for name in per[0]["errors"]:
             cells = [f"{s['errors'][name]:.4f}" if s["errors"][name] == s["errors"][name] else "" for s in per]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -385,6 +420,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", help="accuracy shapes (fgattn_gen.ditdata.SHAPES)")
     parser.add_argument("--timing-shape", help="shape of the overhead measurements")
     parser.add_argument("--eval-blocks", type=int, default=16, help="128-row query blocks in the error slice")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the DiT-like data")
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
@@ -402,9 +438,10 @@ def main(argv=None) -> int:
 
     started = time.time()
     accuracy = []
-    for shape in shapes:
-        accuracy += accuracy_rows(shape, device, args.eval_blocks, 1 if args.cpu else 0, log)
-        log(f"[{time.time() - started:.0f} s] accuracy done for {shape}")
+    for seed in args.seeds:
+        for shape in shapes:
+            accuracy += accuracy_rows(shape, device, args.eval_blocks, 1 if args.cpu else 0, log, seed=seed)
+            log(f"[{time.time() - started:.0f} s] accuracy done for {shape}, seed {seed}")
     timing, checks = ([], {}) if args.skip_timing else timing_rows(timing_shape, device, args.cpu, log)
     result = dict(
         name=args.name, **run_info(args.cpu),

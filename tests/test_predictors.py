@@ -9,7 +9,7 @@ import torch
 
 from conftest import HAS_CUDA, TOL, ceil_div, make_qkv
 from fgattn_gen import KeySet, attention, reference_attention
-from fgattn_gen.predictors import CachedMask, exact_mask, pooled_top_p, threshold, words
+from fgattn_gen.predictors import CachedMask, exact_mask, pooled_top_p, prob_threshold, threshold, words
 from fgattn_gen.predictors.block_stats import block_stat
 from fgattn_gen.predictors.dense import dense_attention_with_lse
 
@@ -48,7 +48,7 @@ def _always_kept(mask, block_m, block_n, seq_q, seq_k, keep_keys, local_window):
 
 
 def slow_pooled_top_p(q, k, *, block_m, block_n=1, top_p=None, sim_threshold, pool=None, keep_keys=(),
-                      local_window=None, threshold=None):
+                      local_window=None, threshold=None, query_variance=False):
     # On CUDA, half-precision inputs are scored on tensor cores: q̄ * scale and k̄ rounded to the input dtype.
     score_dtype = q.dtype if q.is_cuda and q.dtype != torch.float32 else torch.float32
     q, k = q.cpu(), k.cpu()
@@ -65,6 +65,9 @@ def slow_pooled_top_p(q, k, *, block_m, block_n=1, top_p=None, sim_threshold, po
                 q_mean = rows.mean(0)
                 similarity = torch.nn.functional.cosine_similarity(rows, q_mean[None], dim=-1).mean()
                 scores = (q_mean / math.sqrt(d)).to(score_dtype).float() @ k_mean.to(score_dtype).float().T
+                if query_variance:  # log-normal estimate of the rows' mean exp(scale q_i . k̄)
+                    var = rows.var(0, unbiased=False) / (2 * d)
+                    scores += var.to(score_dtype).float() @ k_mean.square().to(score_dtype).float().T
                 p = torch.softmax(scores, -1)
                 if similarity < sim_threshold:
                     keep = torch.ones_like(p, dtype=torch.bool)
@@ -130,6 +133,32 @@ def test_top_p_words_match_sort(gen, monkeypatch, resident_keys, n_keys):
             assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)
 
 
+@pytest.mark.parametrize("n_keys, rows_per_block", [(1, 1), (37, 4), (300, 2), (300, 3)])
+def test_pooled_threshold_words_match_slow(gen, n_keys, rows_per_block):
+    """The fused kernel (several key tiles, rows OR-ed per block, rows past the last block) and the torch
+    rule against softmax > threshold, with and without the variance term."""
+    groups, n_blocks = 70, -(-70 // rows_per_block) + 1
+    q_mean, q_var = randn(gen, 2, groups, 64), randn(gen, 2, groups, 64).abs()
+    k_mean = 3 * randn(gen, 2, n_keys, 64)
+    keep_all = torch.zeros(2, n_blocks, dtype=torch.bool, device=DEVICE)
+    keep_all[0, 1] = True
+    for var in (None, q_var):
+        scores = q_mean.cpu() @ k_mean.cpu().transpose(1, 2) / 8
+        if var is not None:
+            scores += var.cpu() @ k_mean.cpu().square().transpose(1, 2) / 128
+        for t in (0.5, 2.0, 20.0):
+            keep = torch.softmax(scores, -1) > min(1.0, t / n_keys)
+            keep = torch.nn.functional.pad(keep, (0, 0, 0, n_blocks * rows_per_block - groups))
+            keep = keep.view(2, n_blocks, rows_per_block, n_keys).any(2)
+            keep[0, 1] = True
+            for backend in BACKENDS:
+                got = prob_threshold.pooled_threshold_words(
+                    q_mean, k_mean, 1 / 8, min(1.0, t / n_keys), rows_per_block=rows_per_block, n_blocks=n_blocks,
+                    backend=backend, dtype=torch.float32, q_var=var, keep_all=keep_all)
+                assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)
+                assert not got[1, -1].any()  # block past the last row
+
+
 def test_top_p_keeps_at_least_the_mass(gen):
     """Few bisection steps: the kept mass still reaches top_p (the threshold is approached from below)."""
     scores = randn(gen, 1, 8, 300)
@@ -175,6 +204,21 @@ def test_pooled_threshold_matches_slow(gen, backend, seq_q, seq_k, block_m, pool
                                      sim_threshold=gate)
         assert_same_keys(keys.to_mask(), expected)
         assert 0.0 < expected.float().mean() < 1.0 or gate > -1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seq_q, seq_k, block_m, pool, block_n, rule", [
+    (100, 77, 32, 8, 1, dict(threshold=2.0 / 77)), (130, 150, 64, 16, 1, dict(top_p=0.8)),
+    (90, 200, 32, 16, 16, dict(threshold=1.0 / 13))])
+def test_pooled_query_variance_matches_slow(gen, backend, seq_q, seq_k, block_m, pool, block_n, rule):
+    """query_variance adds scale^2 / 2 * var(q) . k̄^2 to the pooled logits; the kept keys change (keys of
+    norm ~3 sqrt(D): the term varies across key groups)."""
+    q, k = randn(gen, 1, 2, seq_q, 64), 3 * randn(gen, 1, 2, seq_k, 64)
+    opts = dict(block_m=block_m, block_n=block_n, pool=pool, sim_threshold=-1.0, **rule)
+    keys = pooled_top_p(q, k, query_variance=True, search_iters=EXACT_ITERS, backend=backend, **opts)
+    expected = slow_pooled_top_p(q, k, query_variance=True, **opts)
+    assert_same_keys(keys.to_mask(), expected)
+    assert not torch.equal(expected, slow_pooled_top_p(q, k, **opts))
 
 
 def test_pooled_top_p_bf16_strided(gen):
@@ -370,7 +414,8 @@ def test_cached_mask_offload_restore(gen):
     assert cache.keys(0).device == q.device
     cache.offload()
     out = cache(q, k, v, step=1, layer=0)
-    torch.testing.assert_close(out, attention(q, k, v, cache.keys(0)))
+    assert cache.keys(0).device.type == "cpu"
+    torch.testing.assert_close(out, attention(q, k, v, cache.keys(0).to(q.device)))
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -390,6 +435,7 @@ def qk(gen):
     (dict(keep_keys=(5, 3)), "keep_keys"), (dict(keep_keys=[(0, 51)]), "keep_keys"),
     (dict(keep_keys="text"), "keep_keys"), (dict(local_window=-1), "local_window"),
     (dict(scale=0.0), "scale"), (dict(search_iters=0), "search_iters"), (dict(backend="cuda"), "backend"),
+    (dict(query_variance=1), "query_variance"),
 ])
 def test_pooled_bad_knobs(qk, kwargs, match):
     q, k = qk

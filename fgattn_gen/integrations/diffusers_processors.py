@@ -9,7 +9,7 @@ Predictors (the keys each block of ``block_m`` queries attends to), with their k
 
 - ``"dense"``: every key (``KeySet.full``); checks the integration against SDPA. No knobs.
 - ``"pooled_top_p"``: ``predictors.pooled_top_p`` at every call. Knobs: ``top_p`` or ``threshold``,
-  ``sim_threshold``, ``pool``, ``local_window``, ``search_iters``, ``backend``.
+  ``sim_threshold``, ``pool``, ``local_window``, ``search_iters``, ``query_variance``, ``backend``.
 - ``"cached_exact"``: ``predictors.CachedMask``: at a refresh step a layer runs a dense pass that also gives
   its exact mask; the steps in between reuse the layer's mask. Knobs: ``refresh_steps`` (default
   ``HUNYUAN_REFRESH_STEPS``), ``threshold``, ``top_p``, ``local_window``, ``score_precision``,

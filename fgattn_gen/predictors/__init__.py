@@ -6,8 +6,8 @@
 - ``CachedMask``: exact masks at a few refresh steps, reused per layer and CFG branch in between.
 
 Modules: ``pooled_top_p``, ``exact_mask``, ``cached_mask`` (the predictors); ``threshold`` (top-p search by
-bisection), ``block_stats`` (exact per-block statistics of the probabilities), ``dense`` (dense pass with
-LSE), ``pooling`` (group means and self-similarity), ``always_keep`` (text ranges, local window), ``words``
+bisection), ``prob_threshold`` (fixed probability threshold), ``block_stats`` (exact per-block statistics of the probabilities), ``dense`` (dense pass with
+LSE), ``pooling`` (group means, self-similarity, variance), ``always_keep`` (text ranges, local window), ``words``
 (KeySet words built on the device), ``checks`` (argument errors naming the argument).
 
 All of them run on the inputs' device without host synchronisation; the Triton kernels also run on the CPU

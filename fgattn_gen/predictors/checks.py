@@ -29,6 +29,13 @@ def check_positive_int(value, name: str) -> int:
     return value
 
 
+def check_bool(value, name: str) -> bool:
+    """``value`` if it is a bool, else ValueError naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
 def check_tensors(**tensors: torch.Tensor) -> None:
     """q ``[B, H, Sq, D]`` and k (and v) ``[B, H, Sk, D]``: same batch, heads, head dim (one the kernels
     take), dtype and device."""

@@ -1,0 +1,142 @@
+"""Fixed-threshold key selection from pooled queries (the threshold rule of ``pooled_top_p``).
+
+Pooled row g scores key group j with ``s_gj = scale * q̄_g . k̄_j`` (plus, with a variance, the log-normal
+term ``scale^2 / 2 * var_g . k̄_j^2``); key group j is kept for row g when ``softmax(s_g)_j > threshold``,
+i.e. ``s_gj > lse_g + log(threshold)``; a kernel query block keeps the union of its rows' keys. No search:
+the threshold is the same for every row, block and head, so the density follows the scores.
+
+GPU / interpreter: one fused Triton program per (``BLOCK_G`` pooled rows, head) walks the keys twice, once
+for the rows' log-sum-exp and once to compare and pack KeySet words; the scores are never written to memory.
+CPU without the interpreter: the same rule in torch ops on the materialised scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..build import interpreting
+from .pooling import pooled_scores
+from .words import full_row_words, pack_mask
+
+_BLOCK_G = 64  # pooled rows per program
+_BLOCK_K = 128  # key groups per step
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _scores(qm, qv, K, stride_ks, k0, n_keys, offs_d, BLOCK_K: tl.constexpr, WITH_VAR: tl.constexpr,
+            DOT_FP32: tl.constexpr):
+    """fp32 [BLOCK_G, BLOCK_K] pooled logits of key groups [k0, k0 + BLOCK_K); -inf past n_keys."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    valid = offs_k < n_keys
+    kt = tl.load(K + offs_k[None, :].to(tl.int64) * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
+    k2 = kt.to(tl.float32) * kt.to(tl.float32)
+    if DOT_FP32:  # fp32 inputs, or the interpreter (its bf16 dot is wrong): fp32 operands
+        s = tl.dot(qm, kt.to(tl.float32), input_precision="ieee")
+        if WITH_VAR:
+            s += tl.dot(qv, k2, input_precision="ieee")
+    else:
+        s = tl.dot(qm, kt.to(qm.dtype))
+        if WITH_VAR:
+            s += tl.dot(qv, k2.to(qv.dtype))
+    return tl.where(valid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _pooled_threshold_kernel(QM, QV, K, WORDS, stride_qn, stride_qg, stride_kn, stride_ks, n_groups, n_keys,
+                             n_words, n_blocks, scale, half_scale2, log_threshold, HEAD_DIM: tl.constexpr,
+                             BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, ROWS_PER_BLOCK: tl.constexpr,
+                             WITH_VAR: tl.constexpr, DOT_FP32: tl.constexpr):
+    """QM, QV fp32 [n, G, D]; K [n, Gk, D]; WORDS int32 [n, n_blocks, n_words]. Program (row tile, n)."""
+    n = tl.program_id(1).to(tl.int64)
+    offs_g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows_ok = offs_g < n_groups
+    q_ptrs = n * stride_qn + offs_g[:, None].to(tl.int64) * stride_qg + offs_d[None, :]
+    qm = tl.load(QM + q_ptrs, mask=rows_ok[:, None], other=0.0) * scale
+    qv = qm
+    if WITH_VAR:
+        qv = tl.load(QV + q_ptrs, mask=rows_ok[:, None], other=0.0) * half_scale2
+    if not DOT_FP32:
+        qm = qm.to(K.dtype.element_ty)
+        qv = qv.to(K.dtype.element_ty)
+    K += n * stride_kn
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    z = tl.zeros([BLOCK_G], tl.float32)
+    for k0 in range(0, n_keys, BLOCK_K):
+        s = _scores(qm, qv, K, stride_ks, k0, n_keys, offs_d, BLOCK_K, WITH_VAR, DOT_FP32)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m = m_new
+    cut = m + tl.log(z) + log_threshold
+    lane = tl.arange(0, 32)
+    offs_b = tl.program_id(0) * (BLOCK_G // ROWS_PER_BLOCK) + tl.arange(0, BLOCK_G // ROWS_PER_BLOCK)
+    out = WORDS + (n * n_blocks + offs_b[:, None].to(tl.int64)) * n_words
+    for k0 in range(0, n_keys, BLOCK_K):
+        s = _scores(qm, qv, K, stride_ks, k0, n_keys, offs_d, BLOCK_K, WITH_VAR, DOT_FP32)
+        keep = (s > cut[:, None]) & rows_ok[:, None]  # -inf padding keys are never kept
+        bits = tl.reshape(keep.to(tl.int32), [BLOCK_G, BLOCK_K // 32, 32]) << lane[None, None, :]
+        words = tl.xor_sum(bits, 2)  # [BLOCK_G, BLOCK_K // 32], distinct bits: xor = or
+        words = tl.reduce(tl.reshape(words, [BLOCK_G // ROWS_PER_BLOCK, ROWS_PER_BLOCK, BLOCK_K // 32]), 1, _or)
+        offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        tl.store(out + offs_w[None, :], words, mask=(offs_b < n_blocks)[:, None] & (offs_w < n_words)[None, :])
+
+
+def _words_triton(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blocks, dtype):
+    n, groups, d = q_mean.shape
+    n_keys = k_mean.shape[1]
+    n_words = triton.cdiv(n_keys, 32)
+    words = torch.zeros(n, n_blocks, n_words, dtype=torch.int32, device=q_mean.device)
+    k_mean = k_mean.to(dtype) if dtype != torch.float32 else k_mean.float()
+    block_g = max(_BLOCK_G, rows_per_block)
+    grid = (triton.cdiv(groups, block_g), n)
+    _pooled_threshold_kernel[grid](
+        q_mean, q_var if q_var is not None else q_mean, k_mean, words, q_mean.stride(0), q_mean.stride(1),
+        k_mean.stride(0), k_mean.stride(1), groups, n_keys, n_words, n_blocks, scale, 0.5 * scale * scale,
+        math.log(threshold), HEAD_DIM=d, BLOCK_G=block_g, BLOCK_K=_BLOCK_K, ROWS_PER_BLOCK=rows_per_block,
+        WITH_VAR=q_var is not None, DOT_FP32=interpreting() or dtype == torch.float32, num_warps=4, num_stages=2)
+    return words
+
+
+def _words_torch(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blocks, dtype):
+    scores = pooled_scores(q_mean, k_mean, scale, dtype, q_var=q_var)
+    n, groups, n_keys = scores.shape
+    keep = scores > (scores.logsumexp(-1, keepdim=True) + math.log(threshold))
+    keep = torch.nn.functional.pad(keep, (0, 0, 0, n_blocks * rows_per_block - groups))
+    return pack_mask(keep.view(n, n_blocks, rows_per_block, n_keys).any(2))
+
+
+def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float, threshold: float, *,
+                           rows_per_block: int, n_blocks: int, backend: str, dtype: torch.dtype,
+                           q_var: torch.Tensor | None = None, keep_all: torch.Tensor | None = None) -> torch.Tensor:
+    """KeySet words of the key groups whose pooled probability exceeds ``threshold`` for some pooled row of
+    the block (module docstring); no host sync.
+
+    Args:
+        q_mean: fp32 ``[n, G, D]`` pooled queries (D a power of two for the Triton backend).
+        k_mean: ``[n, Gk, D]`` keys or pooled keys, last dim contiguous.
+        scale: softmax scale; threshold: probability in (0, 1].
+        rows_per_block: pooled rows per KeySet query block (block i owns rows ``[i * rpb, (i + 1) * rpb)``);
+            the fused kernel takes powers of two, other values run the torch rule.
+        n_blocks: KeySet query blocks, ``>= ceil(G / rows_per_block)``.
+        backend: ``"triton"`` (CUDA, or the interpreter) or ``"torch"``.
+        dtype: operand dtype of the score products (the inputs'; fp32 accumulation).
+        q_var: optional fp32 ``[n, G, D]`` per-dim variance of each pooled row's queries (the variance term).
+        keep_all: optional bool ``[n, n_blocks]``: these blocks keep every key group.
+    Returns:
+        int32 ``[n, n_blocks, ceil(Gk / 32)]``.
+    """
+    fused = backend == "triton" and rows_per_block & (rows_per_block - 1) == 0  # the kernel reshapes by it
+    impl = _words_triton if fused else _words_torch
+    words = impl(q_mean, k_mean, q_var, scale, float(threshold), rows_per_block, n_blocks, dtype)
+    if keep_all is not None:
+        words = torch.where(keep_all[..., None], full_row_words(k_mean.shape[1], k_mean.device), words)
+    return words
