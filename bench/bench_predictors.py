@@ -355,7 +355,7 @@ def plot(result: dict, path: Path) -> bool:
             ax.set_ylabel("relative L2 error vs dense fp32")
             ax.set_title(f"{predictor} on {shape}, data seed {seed}")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, ncol=2, loc="upper right")
     fig.suptitle(f"{result['name']}: {result['device']}, {result['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
