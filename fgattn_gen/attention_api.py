@@ -10,7 +10,7 @@ from . import build, ops
 from .checks import check_attention_inputs
 from .keyset import KeySet
 from .reference import reference_attention
-from .variant import HOPPER_SMEM, Variant, default_variant, dtype_name
+from .variant import Variant, dtype_name
 
 BACKENDS = ("triton", "cuda", "reference")
 
@@ -55,9 +55,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
         predictor: predicts ``keys`` first: ``"pooled_top_p"`` (default settings) or a callable
             ``(q, k) -> KeySet``, e.g. ``functools.partial(predictors.pooled_top_p, top_p=0.95, pool=32)``.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"triton"``, ``"cuda"`` (the CUDA gather-load kernel, CUDA tensors on an sm_80+ GPU;
-            its default variant unless ``variant`` is given), ``"reference"`` (fp32 math, any device) or
-            None (best available: the registry's Triton variant).
+        backend: ``"triton"``, ``"cuda"`` (the CUDA gather-load kernel, CUDA tensors on an sm_80+ GPU),
+            each the registry's best of that backend unless ``variant`` is given; ``"reference"`` (fp32 math,
+            any device); or None (the registry's pick of either backend).
         variant: run this kernel variant instead of the one the registry (``fgattn_gen.registry``) picks.
         return_lse: also return the log-sum-exp of the scaled scores.
     Returns:
@@ -76,22 +76,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
     if backend == "cuda" or (backend is None and variant is not None and variant.backend == "cuda"):
         if q.device.type != "cuda":
             raise ValueError(f"backend: 'cuda' needs CUDA tensors (Triton's interpreter cannot run it); q is on {q.device}")
-        if variant is None:
-            props = torch.cuda.get_device_properties(q.device)
-            variant = default_variant(dtype=q.dtype, head_dim=q.shape[-1], block_m=keys.block_m,
-                                      block_n=keys.block_n, backend="cuda",
-                                      smem_limit=getattr(props, "shared_memory_per_block_optin", HOPPER_SMEM))
     runs_kernels = q.device.type == "cuda" or build.interpreting()
     if backend == "reference" or (backend is None and not runs_kernels):
         if backend is None:
             warnings.warn("fgattn: CPU tensors and no TRITON_INTERPRET=1; using the fp32 reference", stacklevel=2)
         out, lse = reference_attention(q, k, v, keys, scale=scale, return_lse=True)
         return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
+    if variant is not None:
+        check_variant_fits(variant, q, keys, backend)
     if not runs_kernels:
         raise ValueError(f"backend: {backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                          f"q is on {q.device}")
-    if variant is not None:
-        check_variant_fits(variant, q, keys, backend)
+    # no variant: the registry's pick (of ``backend`` when one is named)
     out, lse = ops.sparse_attention(q, k, v, keys.bits, keys.n_kblocks, keys.block_m, keys.block_n, scale,
-                                    variant.key if variant is not None else "")
+                                    variant.key if variant is not None else (backend or ""))
     return (out, lse) if return_lse else out

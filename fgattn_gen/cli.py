@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from .tune.options import BACKEND_CHOICES  # no torch / Triton import before --interpret sets TRITON_INTERPRET
+
 NO_CUDA = ("no CUDA GPU found; rerun with --interpret for a CPU run of the pipeline on a scaled-down shape "
            "through Triton's interpreter")
 
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", action="store_true", help="write a search-history PNG per study (needs matplotlib)")
     parser.add_argument("--interpret", action="store_true",
                         help="CPU run through Triton's interpreter on a scaled-down shape (checks the pipeline)")
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                        help="kernels to search: auto (default: Triton, and the CUDA kernel too on an sm_80+ GPU), "
+                             "triton, cuda, or all (both in one study, the fastest wins)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default 0); varied per --gpus worker and per resumed run")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     return parser
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error
         return int(exc.code or 0)
+    if args.interpret and args.backend in ("cuda", "all"):
+        return _usage_error(f"--backend {args.backend}: the CUDA kernel needs a GPU; the interpreter runs Triton only")
     if args.interpret:
         _use_interpreter(argv)
 
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model if args.model in preset_names() else str(Path(args.model).resolve()),
         trials=args.trials, timeout=args.timeout, out=args.out, densities=args.densities, sampler=args.sampler,
         exhaustive_below=args.exhaustive_below, storage=args.storage, gpus=args.gpus, plot=args.plot,
-        interpret=args.interpret, seed=args.seed, worker=args.worker,
+        interpret=args.interpret, seed=args.seed, worker=args.worker, backend=args.backend,
     )
     console = Console()
     try:

@@ -22,7 +22,6 @@ from .keyset import KeySet
 from .variant import Variant
 
 KERNEL = "fgattn_gather_attention"
-TEMPLATE = "cuda/gather_attention.cu.j2"
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
 MMA_PATHS = ("auto", "ws", "wgmma", "sync")
@@ -30,20 +29,6 @@ _WS_DEFINE = "-DFGATTN_WARP_SPECIALIZED"
 # Shared memory the warp-specialized kernel needs after the tiles for its mbarriers
 # (gather_attention_ws.cuh kWsExtraBytes; the kernel traps if the launch gives less).
 WS_EXTRA_SMEM_BYTES = 256
-
-
-def render_source(variant: Variant) -> str:
-    """Source text of a CUDA ``variant`` (templates/cuda/gather_attention.cu.j2)."""
-    if variant.backend != "cuda":
-        raise ValueError(f"variant: {variant.key} is not a CUDA variant")
-    template = render._environment(render.templates_dir()).get_template(TEMPLATE)
-    return template.render(**variant.params, key=variant.key, smem_bytes=variant.smem_bytes())
-
-
-def headers() -> tuple[tuple[str, str], ...]:
-    """``(include name, text)`` of every kernel header under ``templates/cuda/include``."""
-    root = render.templates_dir() / "cuda" / "include"
-    return tuple((p.relative_to(root).as_posix(), p.read_text()) for p in sorted(root.rglob("*.cuh")))
 
 
 def mma_options(arch: str) -> tuple[str, ...]:
@@ -96,7 +81,8 @@ def _load(variant: Variant, device_index: int, options: tuple[str, ...]) -> nvrt
     if limit is not None and smem > limit:
         raise ValueError(f"variant: {variant.key} needs {smem} bytes of shared memory; "
                          f"{props.name} allows {limit} per block")
-    cubin = nvrtc.compile_cubin(render_source(variant), variant.key, arch, options=options, headers=headers())
+    cubin = nvrtc.compile_cubin(render.render(variant), variant.key, arch, options=options,
+                                headers=render.cuda_headers())
     kernel = nvrtc.CudaKernel(cubin, KERNEL, device)
     with torch.cuda.device(device):
         kernel.set_max_dynamic_smem(smem)
@@ -144,22 +130,3 @@ def run(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
                q, k, v, out, lse_arg, idx, n_keys, *strides,
                h, sq, keys.shape[2], idx.shape[-1], bh_start, float(scale * _LOG2E), int(lse is not None),
                shared_mem=smem)
-
-
-# The CUDA search space (tile_m, tile_n, stages; warps = tile_m // 16); points Variant rejects are dropped.
-SEARCH_SPACE = {"tile_m": (64, 128), "tile_n": (32, 64, 128), "num_stages": (2, 3, 4)}
-
-
-def search_space(*, dtype: str, head_dim: int, block_m: int, block_n: int) -> list[Variant]:
-    """Every valid CUDA variant of ``SEARCH_SPACE`` for one layout (dtype ``"bf16"``/``"fp16"``)."""
-    variants = []
-    for tile_m in SEARCH_SPACE["tile_m"]:
-        for tile_n in SEARCH_SPACE["tile_n"]:
-            for stages in SEARCH_SPACE["num_stages"]:
-                params = dict(backend="cuda", dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
-                              tile_m=tile_m, tile_n=tile_n, num_warps=tile_m // 16, num_stages=stages)
-                try:
-                    variants.append(Variant(**params))
-                except ValueError:
-                    continue
-    return variants

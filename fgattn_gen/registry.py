@@ -14,7 +14,7 @@ Lookup order for ``lookup(device=, dtype=, head_dim=, seq_q=, seq_k=, density=, 
 Results are cached per argument tuple (thread-safe), so a warm lookup is a dictionary hit.
 
 ``registry/`` holds the rendered source of every variant the shipped tuned files name
-(``registry/<gpu-slug>/<variant-key>.py``), so a reader sees exactly the kernel that runs;
+(``registry/<gpu-slug>/<variant-key>.py`` or ``.cu``), so a reader sees exactly the kernel that runs;
 ``python -m fgattn_gen.registry`` regenerates it (``fgattn-tune`` users run it after committing new
 tuned files) and a test fails when it drifts from ``templates/``.
 """
@@ -41,6 +41,7 @@ from .variant import DTYPES, HOPPER_SMEM, Variant, default_variant, dtype_name
 
 SHIPPED = Path(__file__).resolve().parent.parent / "tuned"
 SOURCES = Path(__file__).resolve().parent.parent / "registry"
+SOURCE_SUFFIX = {"triton": ".py", "cuda": ".cu"}
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,9 @@ def _minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-def _space_hash(backend: str, dtype: str, head_dim: int, block_m: int, block_n: int) -> str:
+def _space_hash(backends: tuple[str, ...], dtype: str, head_dim: int, block_m: int, block_n: int) -> str:
     from .tune.space import space_hash
-    return space_hash(backend, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
+    return space_hash(backends, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
 
 
 def _mismatch(meta: dict, gpu: str, layouts: set[tuple]) -> str | None:
@@ -77,7 +78,9 @@ def _mismatch(meta: dict, gpu: str, layouts: set[tuple]) -> str | None:
         return f"fgattn {meta['fgattn']} wrote it, this is {__version__}"
     if meta["triton"] != triton.__version__:
         return f"Triton {meta['triton']} compiled its kernels, this is {triton.__version__}"
-    stale = [layout for layout in layouts if _space_hash(*layout) != meta["search_space_hash"]]
+    searched = meta.get("search_backends")  # files from before multi-backend tuning: the best's backend
+    stale = [layout for layout in layouts
+             if _space_hash(tuple(searched or layout[:1]), *layout[1:]) != meta["search_space_hash"]]
     if stale:
         return "its search space (variants or template sources) differs from the current one"
     return None
@@ -135,13 +138,14 @@ class Registry:
         return out
 
     def lookup(self, *, gpu: str, dtype: str, head_dim: int, seq_q: int, seq_k: int, density: float | None,
-               block_m: int, block_n: int, smem_limit: int = HOPPER_SMEM) -> Variant:
-        """The variant for this call; see the module docstring for the order."""
+               block_m: int, block_n: int, smem_limit: int = HOPPER_SMEM, backend: str | None = None) -> Variant:
+        """The variant for this call (of ``backend`` only, when given); see the module docstring."""
         layout = [c for c in self.choices(gpu)
-                  if (c.dtype, c.head_dim, c.block_m, c.block_n) == (dtype, head_dim, block_m, block_n)]
+                  if (c.dtype, c.head_dim, c.block_m, c.block_n) == (dtype, head_dim, block_m, block_n)
+                  and backend in (None, c.variant.backend)]
         if not layout:
             return default_variant(dtype=DTYPES[dtype], head_dim=head_dim, block_m=block_m, block_n=block_n,
-                                   smem_limit=smem_limit)
+                                   smem_limit=smem_limit, backend=backend or "triton")
         d = 1.0 if density is None else density
         exact = [c for c in layout if (c.seq_q, c.seq_k) == (seq_q, seq_k) and (density is None or c.density == d)]
         if exact:
@@ -193,13 +197,15 @@ def _device_info(device: torch.device) -> tuple[str, int]:
 
 @functools.lru_cache(maxsize=4096)
 def _cached_lookup(gpu: str, dtype: str, head_dim: int, seq_q: int, seq_k: int, density: float | None,
-                   block_m: int, block_n: int, smem_limit: int) -> Variant:
+                   block_m: int, block_n: int, smem_limit: int, backend: str | None) -> Variant:
     return default_registry().lookup(gpu=gpu, dtype=dtype, head_dim=head_dim, seq_q=seq_q, seq_k=seq_k,
-                                     density=density, block_m=block_m, block_n=block_n, smem_limit=smem_limit)
+                                     density=density, block_m=block_m, block_n=block_n, smem_limit=smem_limit,
+                                     backend=backend)
 
 
 def lookup(*, device: torch.device | str, dtype: torch.dtype, head_dim: int, seq_q: int, seq_k: int,
-           density: float | None = None, block_n: int = 1, block_m: int = 128) -> Variant:
+           density: float | None = None, block_n: int = 1, block_m: int = 128,
+           backend: str | None = None) -> Variant:
     """The best known variant for an attention call.
 
     Args:
@@ -207,11 +213,12 @@ def lookup(*, device: torch.device | str, dtype: torch.dtype, head_dim: int, seq
         dtype: torch.bfloat16 or torch.float16. head_dim: 64 or 128.
         seq_q, seq_k: sequence lengths. density: key density if known (None: any).
         block_n, block_m: the KeySet's key granularity and query block.
+        backend: None (the fastest tuned kernel), or ``"triton"`` / ``"cuda"``: the best of that backend.
     Returns:
         A Variant (``.key``, ``.backend``, ``.params``); never fails for a valid layout.
     """
     gpu, smem = (device, HOPPER_SMEM) if isinstance(device, str) else _device_info(torch.device(device))
-    return _cached_lookup(gpu, dtype_name(dtype), head_dim, seq_q, seq_k, density, block_m, block_n, smem)
+    return _cached_lookup(gpu, dtype_name(dtype), head_dim, seq_q, seq_k, density, block_m, block_n, smem, backend)
 
 
 def shipped_variants() -> dict[str, set[Variant]]:
@@ -227,13 +234,14 @@ def shipped_variants() -> dict[str, set[Variant]]:
 
 def expected_sources() -> dict[Path, str]:
     """``registry/`` path -> rendered source, for every shipped variant."""
-    return {SOURCES / slug / f"{v.key}.py": render(v) for slug, variants in shipped_variants().items() for v in variants}
+    return {SOURCES / slug / f"{v.key}{SOURCE_SUFFIX[v.backend]}": render(v)
+            for slug, variants in shipped_variants().items() for v in variants}
 
 
 def write_sources() -> list[Path]:
     """Regenerate ``registry/`` from the shipped tuned files and ``templates/``; returns the files written."""
     expected = expected_sources()
-    for stale in SOURCES.glob("*/*.py"):
+    for stale in SOURCES.glob("*/*.*"):
         if stale not in expected:
             stale.unlink()
     for path, text in expected.items():

@@ -1,4 +1,5 @@
-"""Render kernel templates (``templates/``) for a variant with Jinja2's StrictUndefined."""
+"""Render kernel templates (``templates/``) for a variant with Jinja2's StrictUndefined: the Triton module or
+the CUDA translation unit (plus the CUDA headers it includes, passed to NVRTC by name)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jinja2
 from .variant import Variant
 
 _TL_DTYPES = {"bf16": "tl.bfloat16", "fp16": "tl.float16"}
-_TEMPLATES = {"triton": "triton/gather_attention.py.j2"}
+_TEMPLATES = {"triton": "triton/gather_attention.py.j2", "cuda": "cuda/gather_attention.cu.j2"}
 
 
 def templates_dir() -> Path:
@@ -29,11 +30,20 @@ def _environment(root: Path) -> jinja2.Environment:
 
 
 def render(variant: Variant, *, interpret: bool = False) -> str:
-    """Source text of ``variant``. ``interpret`` renders the Triton-interpreter form (fp32 dots)."""
+    """Source text of ``variant``: Triton Python, or CUDA C++ (its headers: ``cuda_headers``).
+    ``interpret`` renders the Triton-interpreter form (fp32 dots)."""
     template = _environment(templates_dir()).get_template(_TEMPLATES[variant.backend])
+    if variant.backend == "cuda":
+        return template.render(**variant.params, key=variant.key, smem_bytes=variant.smem_bytes())
     return template.render(
         **variant.params, key=variant.key, tl_dtype=_TL_DTYPES[variant.dtype], dot_fp32=interpret,
     )
+
+
+def cuda_headers() -> tuple[tuple[str, str], ...]:
+    """``(include name, text)`` of every CUDA kernel header under ``templates/cuda/include``."""
+    root = templates_dir() / "cuda" / "include"
+    return tuple((p.relative_to(root).as_posix(), p.read_text()) for p in sorted(root.rglob("*.cuh")))
 
 
 def source_hash(source: str) -> str:

@@ -10,6 +10,7 @@ Schema (version 1)::
       gpu: str                           # torch.cuda.get_device_name(), or "triton-interpreter"
       sm: str | null                     # compute capability "9.0"; null under the interpreter
       search_space_hash: str             # fgattn_gen.tune.space.space_hash of the layout
+      search_backends: [str]             # optional: the backends searched together (default: best's)
       date: str                          # ISO 8601, UTC
       interpret: bool                    # true: CPU interpreter run, times rank nothing on a GPU
       model: str
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from .variant import Variant
+from .variant import BACKENDS, Variant
 
 SCHEMA_VERSION = 1
 
@@ -47,6 +48,7 @@ _METADATA = {
     "fgattn": _STR, "torch": _STR, "triton": _STR, "optuna": _STR, "cuda": _OPT_STR, "gpu": _STR, "sm": _OPT_STR,
     "search_space_hash": _STR, "date": _STR, "interpret": _BOOL, "model": _STR, "tuned_heads_note": _STR,
 }
+_METADATA_OPTIONAL = {"search_backends": list}
 _SHAPE = {"batch": _INT, "heads": _INT, "seq_q": _INT, "seq_k": _INT, "head_dim": _INT, "dtype": _STR,
           "block_m": _INT, "block_n": _INT}
 _MEASURED = {"batch": _INT, "heads": _INT, "seq_q": _INT, "seq_k": _INT}
@@ -116,7 +118,12 @@ def validate_tuned(data, source: str = "tuned data") -> dict:
         raise ValueError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     if data.get("schema") != SCHEMA_VERSION:
         raise ValueError(f"{source}: schema: expected {SCHEMA_VERSION}, got {data.get('schema')!r}")
-    _check_mapping(data, {"metadata": _METADATA, "entries": list}, source)
+    _check_mapping(data, {"metadata": dict, "entries": list}, source)
+    _check_mapping(data["metadata"], _METADATA, f"{source}.metadata", _METADATA_OPTIONAL)
+    backends = data["metadata"].get("search_backends", [])
+    if not backends and "search_backends" in data["metadata"] or any(b not in BACKENDS for b in backends):
+        raise ValueError(f"{source}.metadata.search_backends: expected a non-empty list of {BACKENDS}, "
+                         f"got {backends!r}")
     for i, entry in enumerate(data["entries"]):
         _check_entry(entry, f"{source}: entries[{i}]")
     return data

@@ -167,9 +167,9 @@ def test_keys_not_a_keyset(inputs):
 
 
 @pytest.mark.parametrize("block_m", [8, 24, 1])
-def test_block_m_not_multiple_of_16(gen, block_m):
-    q, k, v = make_qkv(gen, B, H, SQ, SK, D, torch.float16)
-    keys = KeySet.full(B, H, SQ, SK, block_m=block_m, block_n=BLOCK_N)
+def test_block_m_not_multiple_of_16(gen, device, block_m):
+    q, k, v = make_qkv(gen, B, H, SQ, SK, D, torch.float16, device)
+    keys = KeySet.full(B, H, SQ, SK, block_m=block_m, block_n=BLOCK_N, device=device)
     with pytest.raises(ValueError, match=r"^keys: block_m must be a multiple of 16"):
         attention(q, k, v, keys)
 

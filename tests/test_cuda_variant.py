@@ -21,7 +21,9 @@ import torch
 from conftest import LSE_TOL, TOL, ceil_div, make_block_mask, make_qkv
 from nvcc_tools import find_nvcc, parse_ptxas
 from fgattn_gen import KeySet, Variant, attention, compaction, cuda_backend, reference_attention
+from fgattn_gen import render
 from fgattn_gen.render import templates_dir
+from fgattn_gen.tune.space import build_space
 from fgattn_gen.variant import default_variant
 
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -35,7 +37,8 @@ DEFAULT_LAYOUTS = [("fp16", 128, 4), ("fp16", 64, 16), ("bf16", 128, 3)]
 def _compile_variants() -> list[Variant]:
     variants = []
     for dtype, head_dim, block_n in SPACE_LAYOUTS:
-        variants += cuda_backend.search_space(dtype=dtype, head_dim=head_dim, block_m=128, block_n=block_n)
+        variants += build_space("cuda", dtype=dtype, head_dim=head_dim, block_m=128, block_n=block_n,
+                                smem_limit=None).candidates
     for dtype, head_dim, block_n in DEFAULT_LAYOUTS:
         variants.append(default_variant(dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
                                         head_dim=head_dim, block_m=128, block_n=block_n, backend="cuda"))
@@ -51,7 +54,7 @@ BUILDS = {"wgmma": ["-cubin"], "sync": ["-cubin", "-DFGATTN_MMA_SYNC"], "ws": ["
 def _nvcc_build(nvcc: str, variant: Variant, build: str, workdir: Path) -> tuple[int, str]:
     """(return code, ptxas report or PTX text / compiler log) of one build of ``variant``."""
     src = workdir / f"{variant.key}.{build}.cu"
-    src.write_text(cuda_backend.render_source(variant))
+    src.write_text(render.render(variant))
     ptx = build.endswith("ptx")
     out = src.with_suffix(".ptx" if ptx else ".cubin")
     arch = "-gencode=arch=compute_90a,code=compute_90a" if ptx else "-gencode=arch=compute_90a,code=sm_90a"
@@ -177,11 +180,11 @@ def test_nvrtc_builds_default_variants(tmp_path, monkeypatch):
     monkeypatch.setenv("FGATTN_CACHE_DIR", str(tmp_path))
     for options in ((), ("-DFGATTN_WARP_SPECIALIZED",)):
         for variant in _default_variants():
-            cubin = nvrtc.compile_cubin(cuda_backend.render_source(variant), variant.key, "sm_90a", options=options,
-                                        headers=cuda_backend.headers())
+            cubin = nvrtc.compile_cubin(render.render(variant), variant.key, "sm_90a", options=options,
+                                        headers=render.cuda_headers())
             assert cubin[:4] == b"\x7fELF"
-            again = nvrtc.compile_cubin(cuda_backend.render_source(variant), variant.key, "sm_90a", options=options,
-                                        headers=cuda_backend.headers())
+            again = nvrtc.compile_cubin(render.render(variant), variant.key, "sm_90a", options=options,
+                                        headers=render.cuda_headers())
             assert again == cubin
     for variant in _default_variants():  # one cache entry per matrix path
         assert len(list((tmp_path / "cuda").glob(f"{variant.key}-*.cubin"))) == 2
@@ -189,14 +192,14 @@ def test_nvrtc_builds_default_variants(tmp_path, monkeypatch):
 
 def test_render_pins_every_parameter():
     variant = default_variant(dtype=FP16, head_dim=64, block_m=256, block_n=4, backend="cuda")
-    source = cuda_backend.render_source(variant)
+    source = render.render(variant)
     assert f"// variant: {variant.key}" in source
     for line in ("using T = fgattn::fp16;", "kHeadDim = 64;", "kQueryBlock = 256;", "kKeyGran = 4;",
                  f"kTileM = {variant.tile_m};", "kTileN = 128;", f"kWarps = {variant.num_warps};", "kStages = 2;",
                  f"== {variant.smem_bytes()},"):
         assert line in source
     assert "{{" not in source and "{%" not in source
-    names = [name for name, _ in cuda_backend.headers()]
+    names = [name for name, _ in render.cuda_headers()]
     assert {"fgattn/entry.cuh", "fgattn/gather_attention.cuh", "fgattn/gather_attention_ws.cuh",
             "fgattn/mma_sm80.cuh", "fgattn/sync_sm90.cuh"} <= set(names)
 

@@ -87,6 +87,25 @@ def test_default_for_unknown_layout_or_gpu(tmp_path):
             dtype=torch.bfloat16, **{k: LAYOUT[k] for k in ("head_dim", "block_m", "block_n")})
 
 
+def test_file_of_a_two_backend_search_is_served(tmp_path):
+    """search_backends names the space the file's hash covers; the best may be a CUDA variant."""
+    cuda = Variant(backend="cuda", **LAYOUT, tile_m=128, tile_n=128, num_warps=8, num_stages=2)
+    doc = _document(search_backends=["triton", "cuda"], search_space_hash=space_hash(("triton", "cuda"), **LAYOUT))
+    doc["entries"][0]["best"] = _result(cuda, 0.9)
+    reg = _registry(tmp_path, doc)
+    assert _lookup(reg, 32760, 1.0) == cuda
+    assert _lookup(reg, 32760, 0.3) == B
+    assert _lookup(reg, 32760, 1.0, backend="triton") == B  # attention(backend="triton"): the best Triton entry
+    assert _lookup(reg, 75600, 0.1, backend="cuda") == cuda  # the only CUDA entry of the layout
+    assert _lookup(reg, 32760, 1.0, head_dim=64, backend="cuda") == default_variant(
+        dtype=torch.bfloat16, head_dim=64, block_m=128, block_n=1, backend="cuda")
+    (tmp_path / "stale").mkdir()
+    stale = _document(search_backends=["triton", "cuda"])  # the Triton-only hash under a two-backend claim
+    with pytest.warns(UserWarning, match="search space"):
+        assert _lookup(_registry(tmp_path / "stale", stale), 32760, 1.0) == default_variant(
+            dtype=torch.bfloat16, head_dim=128, block_m=128, block_n=1)
+
+
 @pytest.mark.parametrize("meta, reason", [
     ({"triton": "0.0.1"}, "Triton 0.0.1"),
     ({"fgattn": "9.9.0"}, "fgattn 9.9.0"),
@@ -161,7 +180,7 @@ def test_shipped_tuned_files_are_servable():
 def test_registry_sources_match_templates():
     """registry/ holds exactly the rendered sources of the shipped variants (python -m fgattn_gen.registry)."""
     expected = registry.expected_sources()
-    present = set(registry.SOURCES.glob("*/*.py"))
+    present = set(registry.SOURCES.glob("*/*.*"))
     assert present == set(expected), "registry/ is stale: run python -m fgattn_gen.registry"
     for path, text in expected.items():
         assert path.read_text() == text, f"{path} drifted from templates/: run python -m fgattn_gen.registry"

@@ -26,7 +26,7 @@ from fgattn_gen.tune.storage import StorageError, parse_storage
 from fgattn_gen.tuned import load_tuned, validate_tuned, write_tuned
 
 REPO = Path(__file__).resolve().parent.parent
-MODE = [] if HAS_CUDA else ["--interpret"]
+MODE = ["--backend", "triton"] if HAS_CUDA else ["--interpret"]  # the pipeline tests walk the Triton space
 TINY = {
     "name": "tiny", "heads": 2, "head_dim": 64, "dtype": "bf16", "block_m": 128, "block_n": 1,
     "densities": [0.5], "shapes": [{"name": "s300", "video_tokens": 300, "text_tokens": 0}],
@@ -163,6 +163,25 @@ def test_interrupted_trial_is_run_again(tiny, tmp_path):
     assert len(finished(study)) == 3 and len(rerun) == 1 and "reused_from" not in rerun[0].user_attrs
 
 
+@pytest.mark.gpu
+def test_two_backend_study_on_the_gpu(tiny, tmp_path):
+    """--backend all: one study over the Triton and CUDA spaces; the file records both, the registry serves it."""
+    out = tmp_path / "out"
+    assert cli.main(["--model", str(tiny), "--out", str(out), "--backend", "all", "--trials", "4",
+                     "--sampler", "tpe"]) == 0
+    data = load_tuned(tuned_file(out))
+    assert data["metadata"]["search_backends"] == ["triton", "cuda"]
+    (study,) = studies(out)
+    assert len(finished(study)) == 4
+    assert all(t.distributions["backend"].choices == ("cuda", "triton") for t in finished(study))
+    from fgattn_gen.registry import Registry
+    (entry,) = data["entries"]
+    shape = entry["shape"]
+    best = Registry([out]).lookup(gpu=data["metadata"]["gpu"], dtype="bf16", head_dim=64, seq_q=shape["seq_q"],
+                                  seq_k=shape["seq_k"], density=entry["density"], block_m=128, block_n=1)
+    assert best.key == entry["best"]["key"]
+
+
 def test_other_densities_are_kept_in_the_tuned_file(tiny, tmp_path):
     out = tmp_path / "out"
     assert tune(tiny, out, "--trials", "1") == 0
@@ -213,6 +232,13 @@ def test_bad_settings_exit_2_and_write_nothing(case, tiny, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("backend", ["cuda", "all"])
+def test_interpret_with_cuda_backend_exits_2(tiny, tmp_path, capsys, backend):
+    assert cli.main(["--model", str(tiny), "--out", str(tmp_path / "out"), "--interpret", "--backend", backend]) == 2
+    assert f"--backend {backend}: the CUDA kernel needs a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message shown without a GPU")
 def test_no_cuda_without_interpret_exits_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -253,6 +279,39 @@ def test_space_filters_before_sampling_and_hash_is_stable():
                                                   variant.num_stages))
     assert len({tuple(a100.trial_params(v).items()) for v in a100.candidates}) == len(a100)
     assert "num_stages[2,3]" in a100.trial_params(a100.variant("triton_bf16_d128_qb128_kg1_bm128_bn128_w8_s3"))
+
+
+def test_space_of_two_backends_samples_the_backend_first():
+    """--backend all / auto on a GPU: one study over Triton and CUDA points; the Triton-only hash (shipped
+    files) is unchanged; every point is reachable through its own trial params."""
+    layout = dict(dtype="bf16", head_dim=128, block_m=128, block_n=1)
+    both = build_space(("triton", "cuda"), **layout, smem_limit=227 * 1024)
+    triton_only = build_space("triton", **layout, smem_limit=227 * 1024)
+    cuda = [v for v in both.candidates if v.backend == "cuda"]
+    assert both.fields[0] == "backend" and both.backends == ("triton", "cuda")
+    assert len(both) == len(triton_only) + len(cuda) and cuda
+    assert all(v.tile_m == 16 * v.num_warps for v in cuda)  # the CUDA kernel's rule, enforced by Variant
+    assert both.hash == space_hash(("triton", "cuda"), **layout) != triton_only.hash == space_hash("triton", **layout)
+    for variant in both.candidates:
+        assert both.suggest(optuna.trial.FixedTrial(both.trial_params(variant))) == variant
+    assert "backend" not in build_space("cuda", **layout, smem_limit=None).fields
+
+
+@pytest.mark.parametrize("choice, sm, has_cuda_python, expected", [
+    ("auto", "9.0", True, ("triton", "cuda")), ("auto", "9.0", False, ("triton",)), ("auto", "7.5", True, ("triton",)),
+    ("auto", None, True, ("triton",)), ("triton", "9.0", True, ("triton",)), ("cuda", "9.0", True, ("cuda",)),
+    ("all", "9.0", True, ("triton", "cuda")),
+])
+def test_search_backends(monkeypatch, choice, sm, has_cuda_python, expected):
+    import importlib.util
+
+    from fgattn_gen.tune import device as tune_device
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if has_cuda_python else None) if name == "cuda" else find_spec(name, *a))
+    dev = tune_device.Device("x", "x", sm, 0, None, 0, torch.device("cpu" if sm is None else "cuda"))
+    assert tune_device.search_backends(choice, dev) == expected
 
 
 def test_heads_for_tuning_fill_the_gpu():
@@ -299,6 +358,9 @@ def _valid_document() -> dict:
     (lambda d: d["entries"][0]["best"]["params"].update(tile_m=96), "not a valid variant"),
     (lambda d: d["entries"][0].update(runners_up=[d["entries"][0]["best"]] * 4), "at most 3"),
     (lambda d: d["entries"][0].update(baselines={"sdpa-cudnn": None}), "baselines"),
+    (lambda d: d["metadata"].update(search_backends=["triton", "tpu"]), "metadata.search_backends"),
+    (lambda d: d["metadata"].update(search_backends=[]), "metadata.search_backends"),
+    (lambda d: d["metadata"].update(search_backends="triton"), "metadata.search_backends: expected list"),
 ])
 def test_load_tuned_rejects_corrupt_files(corrupt, message, tmp_path):
     path = tmp_path / "t.yaml"

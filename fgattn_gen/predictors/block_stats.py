@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import cuda_backend, nvrtc
+from .. import nvrtc
 from ..build import interpreting
-from ..render import templates_dir
+from ..render import cuda_headers, templates_dir
 from .words import pack_mask
 
 PRECISIONS = ("exact", "fp8")
@@ -285,7 +285,7 @@ def cuda_stat_smem_bytes(d: int, stages: int = CUDA_STAGES) -> int:
 def _cuda_stat_kernel(device_index: int, d: int, stages: int) -> nvrtc.CudaKernel:
     kernel = nvrtc.load_kernel(templates_dir() / "cuda" / "block_stat_fp8.cu", "fgattn_block_stat_fp8",
                                device_index, (("FGATTN_STAT_HEAD_DIM", d), ("FGATTN_STAT_STAGES", stages)),
-                               headers=cuda_backend.headers())
+                               headers=cuda_headers())
     kernel.set_max_dynamic_smem(cuda_stat_smem_bytes(d, stages))
     return kernel
 

@@ -3,7 +3,7 @@
 Pipeline, one module each:
 
 - ``device``: the GPU (or Triton's CPU interpreter) being tuned for, and its limits.
-- ``space``: the valid candidate variants of a backend, filtered before sampling, with a stable hash.
+- ``space``: the valid candidate variants of one or more backends, filtered before sampling, with a stable hash.
 - ``workload``: the inputs of one (shape, density): the shape actually timed, q/k/v sets, KeySet, reference.
 - ``objective``: one Optuna trial = one candidate: correctness gate, then timing; failures are pruned.
 - ``cpu_timing``: wall-clock timing for interpreter runs (``fgattn_gen.timing`` needs a GPU).

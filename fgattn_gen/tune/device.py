@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 
 import torch
+
+from .options import BACKEND_CHOICES
 
 INTERPRETER_SLUG = "interpret"
 
@@ -55,3 +58,17 @@ def detect_device(interpret: bool) -> Device:
         n_sms=props.multi_processor_count, smem_limit=props.shared_memory_per_block_optin,
         l2_bytes=props.L2_cache_size, torch_device=torch.device("cuda", index),
     )
+
+
+def search_backends(choice: str, device: Device) -> tuple[str, ...]:
+    """The kernel backends one tuning run searches (``--backend``): ``auto`` is Triton, plus the CUDA
+    kernel on an sm_80+ GPU where cuda-python's NVRTC imports; ``all`` is both."""
+    if choice not in BACKEND_CHOICES:
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {choice!r}")
+    if choice in ("triton", "cuda"):
+        return (choice,)
+    if choice == "all":
+        return ("triton", "cuda")
+    if device.interpret or int(device.sm.split(".")[0]) < 8 or importlib.util.find_spec("cuda") is None:
+        return ("triton",)
+    return ("triton", "cuda")

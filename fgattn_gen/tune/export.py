@@ -76,7 +76,7 @@ def metadata(model: ModelSpec, device: Device, space: SearchSpace) -> dict:
     return {
         "fgattn": __version__, "torch": str(torch.__version__), "triton": triton.__version__,
         "optuna": optuna.__version__, "cuda": torch.version.cuda, "gpu": device.name, "sm": device.sm,
-        "search_space_hash": space.hash,
+        "search_space_hash": space.hash, "search_backends": list(space.backends),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "interpret": device.interpret, "model": model.name,
         "tuned_heads_note": _INTERPRET_NOTE if device.interpret else _GPU_NOTE,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+BACKEND_CHOICES = ("auto", "triton", "cuda", "all")  # --backend; see device.search_backends
+
 
 @dataclass(frozen=True)
 class TuneOptions:
@@ -23,6 +25,7 @@ class TuneOptions:
         interpret: run through Triton's CPU interpreter on a scaled-down shape.
         seed: sampler seed (see ``study.open_study`` and ``runner.WORKER_SEED_STRIDE`` for how it varies).
         worker: set in ``--gpus`` worker subprocesses: tune only, no export.
+        backend: ``auto`` (Triton, plus the CUDA kernel on an sm_80+ GPU), ``triton``, ``cuda`` or ``all``.
     """
 
     model: str
@@ -38,3 +41,4 @@ class TuneOptions:
     interpret: bool
     seed: int
     worker: int | None = None
+    backend: str = "auto"

@@ -19,7 +19,7 @@ from ..timing import time_ms
 from ..tuned import write_tuned
 from ..variant import DTYPES, default_variant
 from .cpu_timing import wall_time_ms
-from .device import Device, detect_device
+from .device import Device, detect_device, search_backends
 from .export import kept_entries, metadata, study_entry, tuned_document, tuned_path
 from .objective import VariantObjective
 from .options import TuneOptions
@@ -33,7 +33,6 @@ from .study import (FINISHED, finished_trials, is_exhaustive, open_study, run_st
 from .workers import run_workers
 from .workload import MeasuredShape, build_workload, measured_shape
 
-BACKEND = "triton"
 WORKER_SEED_STRIDE = 10_007  # worker i samples with seed + i * stride (+ the trials already in the study)
 
 
@@ -58,7 +57,7 @@ class _Run:
             torch.cuda.set_device(options.gpus[0])
         self.device: Device = detect_device(options.interpret)
         m = self.model
-        self.space: SearchSpace = build_space(BACKEND, dtype=m.dtype, head_dim=m.head_dim, block_m=m.block_m,
+        self.space: SearchSpace = build_space(search_backends(options.backend, self.device), dtype=m.dtype, head_dim=m.head_dim, block_m=m.block_m,
                                               block_n=m.block_n, smem_limit=self.device.smem_limit)
         self.storage_spec: StorageSpec = (parse_storage(options.storage) if options.storage
                                           else default_journal(options.out, self.device.slug, m.name))

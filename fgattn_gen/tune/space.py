@@ -1,6 +1,8 @@
-"""The search space: every valid variant of one backend for one model layout, filtered before sampling.
+"""The search space: every valid variant of one or more backends for one model layout, filtered before
+sampling.
 
-A backend's tunable fields and their values are listed in ``TUNABLE``; the other Variant fields (dtype,
+A backend's tunable fields and their values are listed in ``TUNABLE``; with several backends, ``backend``
+is sampled first and the other fields follow within it. The other Variant fields (dtype,
 head_dim, block_m, block_n) are fixed by the model. Points that ``Variant`` rejects (e.g. tile_m not
 dividing block_m) or whose shared memory exceeds the device's opt-in limit are dropped up front, so
 the sampler only ever sees valid points. ``space_hash`` identifies the layout's space (valid points and
@@ -22,7 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ..render import render, source_hash
+from ..render import cuda_headers, render, source_hash
 from ..variant import Variant
 
 if TYPE_CHECKING:  # the runtime registry hashes spaces without importing the tuner's optuna
@@ -35,15 +37,17 @@ class EmptySpaceError(ValueError):
 
 TUNABLE: dict[str, dict[str, tuple[int, ...]]] = {
     "triton": {"tile_m": (64, 128), "tile_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
+    # CUDA: 16 query rows per (consumer) warp, so tile_m = 16 * num_warps (Variant rejects the other pairs)
+    "cuda": {"tile_m": (64, 128), "tile_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
 }
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Valid candidate variants of ``backend``; ``fields`` are the tunable Variant fields, in sampling order;
-    ``hash`` is ``space_hash`` of the layout."""
+    """Valid candidate variants of ``backends``; ``fields`` are the tunable Variant fields, in sampling
+    order (``backend`` first when there are several); ``hash`` is ``space_hash`` of the layout."""
 
-    backend: str
+    backends: tuple[str, ...]
     fields: tuple[str, ...]
     candidates: tuple[Variant, ...]
     hash: str
@@ -64,9 +68,9 @@ class SearchSpace:
         """The candidate with this key (KeyError if it is not in the space)."""
         return self._by_key[key]
 
-    def _walk(self, pick: Callable[[str, str, list[int]], int]) -> tuple[Variant, dict[str, int]]:
+    def _walk(self, pick: Callable[[str, str, list], int | str]) -> tuple[Variant, dict[str, int | str]]:
         remaining = self.candidates
-        params: dict[str, int] = {}
+        params: dict[str, int | str] = {}
         for field in self.fields:
             choices = sorted({getattr(v, field) for v in remaining})
             all_choices = sorted({getattr(v, field) for v in self.candidates})
@@ -77,48 +81,65 @@ class SearchSpace:
         return variant, params
 
     def suggest(self, trial: optuna.Trial) -> Variant:
-        """Sample one candidate through ``trial`` (categorical int parameters, one per tunable field)."""
+        """Sample one candidate through ``trial`` (categorical parameters, one per tunable field)."""
         return self._walk(lambda field, name, choices: trial.suggest_categorical(name, choices))[0]
 
-    def trial_params(self, variant: Variant) -> dict[str, int]:
+    def trial_params(self, variant: Variant) -> dict[str, int | str]:
         """The Optuna params ``suggest`` records for ``variant`` (for ``Study.enqueue_trial``)."""
         return self._walk(lambda field, name, choices: getattr(variant, field))[1]
 
 
-def _layout_variants(backend: str, *, dtype: str, head_dim: int, block_m: int, block_n: int) -> list[Variant]:
-    """Every ``TUNABLE`` point of ``backend`` that ``Variant`` accepts for this layout."""
-    if backend not in TUNABLE:
-        raise ValueError(f"backend: no search space for {backend!r}; known: {', '.join(TUNABLE)}")
+def _backends(backends: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    names = (backends,) if isinstance(backends, str) else tuple(dict.fromkeys(backends))
+    unknown = [b for b in names if b not in TUNABLE]
+    if not names or unknown:
+        raise ValueError(f"backend: no search space for {unknown or names!r}; known: {', '.join(TUNABLE)}")
+    return names
+
+
+def _layout_variants(backends: tuple[str, ...], *, dtype: str, head_dim: int, block_m: int,
+                     block_n: int) -> list[Variant]:
+    """Every ``TUNABLE`` point of ``backends`` that ``Variant`` accepts for this layout."""
     variants = []
-    for values in itertools.product(*TUNABLE[backend].values()):
-        try:
-            variants.append(Variant(backend=backend, dtype=dtype, head_dim=head_dim, block_m=block_m,
-                                    block_n=block_n, **dict(zip(TUNABLE[backend], values))))
-        except ValueError:  # Variant.problems() is not empty
-            continue
+    for backend in backends:
+        for values in itertools.product(*TUNABLE[backend].values()):
+            try:
+                variants.append(Variant(backend=backend, dtype=dtype, head_dim=head_dim, block_m=block_m,
+                                        block_n=block_n, **dict(zip(TUNABLE[backend], values))))
+            except ValueError:  # Variant.problems() is not empty
+                continue
     return variants
 
 
 def _hash(variants: list[Variant]) -> str:
     points = sorted((v.key, source_hash(render(v))) for v in variants)
+    if any(v.backend == "cuda" for v in variants):  # the CUDA sources include these
+        points.append(("cuda headers", source_hash(json.dumps(cuda_headers()))))
     return hashlib.sha256(json.dumps(points).encode()).hexdigest()
 
 
-def space_hash(backend: str, *, dtype: str, head_dim: int, block_m: int, block_n: int) -> str:
-    """sha256 of the sorted keys of the layout's valid variants, each with the source hash of its rendered
-    kernel. It changes when the template, the tunable values or the validity rules change, and is the same
-    on every device: the shared-memory filter of ``build_space`` is not part of it."""
-    return _hash(_layout_variants(backend, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n))
+def space_hash(backends: str | tuple[str, ...], *, dtype: str, head_dim: int, block_m: int, block_n: int) -> str:
+    """sha256 of the sorted keys of the layout's valid variants (of every backend in ``backends``), each with
+    the source hash of its rendered kernel. It changes when a template, the tunable values or the validity
+    rules change, and is the same on every device: the shared-memory filter of ``build_space`` is not part
+    of it."""
+    return _hash(_layout_variants(_backends(backends), dtype=dtype, head_dim=head_dim, block_m=block_m,
+                                  block_n=block_n))
 
 
-def build_space(backend: str, *, dtype: str, head_dim: int, block_m: int, block_n: int,
+def build_space(backends: str | tuple[str, ...], *, dtype: str, head_dim: int, block_m: int, block_n: int,
                 smem_limit: int | None) -> SearchSpace:
-    """All valid variants of ``backend`` for this layout whose ``smem_bytes()`` fit ``smem_limit``
-    (None: no limit, as under the interpreter). Raises EmptySpaceError if none is valid."""
-    variants = _layout_variants(backend, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
+    """All valid variants of ``backends`` (one name or several) for this layout whose ``smem_bytes()`` fit
+    ``smem_limit`` (None: no limit, as under the interpreter). Raises EmptySpaceError if none is valid."""
+    names = _backends(backends)
+    variants = _layout_variants(names, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
     candidates = [v for v in variants if smem_limit is None or v.smem_bytes() <= smem_limit]
     if not candidates:
         limit = "" if smem_limit is None else f" within {smem_limit} bytes of shared memory"
-        raise EmptySpaceError(f"no valid {backend} variant for dtype={dtype}, head_dim={head_dim}, block_m={block_m}, "
-                              f"block_n={block_n}{limit} (tunable values: {TUNABLE[backend]})")
-    return SearchSpace(backend, tuple(TUNABLE[backend]), tuple(candidates), _hash(variants))
+        raise EmptySpaceError(f"no valid {'/'.join(names)} variant for dtype={dtype}, head_dim={head_dim}, "
+                              f"block_m={block_m}, block_n={block_n}{limit} "
+                              f"(tunable values: {[TUNABLE[b] for b in names]})")
+    fields = tuple(dict.fromkeys(f for b in names for f in TUNABLE[b]))
+    if len({v.backend for v in candidates}) > 1:
+        fields = ("backend", *fields)
+    return SearchSpace(names, fields, tuple(candidates), _hash(variants))

@@ -51,7 +51,7 @@ def worker_argv(options: TuneOptions, storage_url: str, index: int) -> list[str]
     argv = [sys.executable, "-m", "fgattn_gen.cli", "--model", options.model, "--trials", str(options.trials),
             "--out", str(options.out), "--sampler", options.sampler,
             "--exhaustive-below", str(options.exhaustive_below), "--storage", storage_url,
-            "--seed", str(options.seed), "--worker", str(index)]
+            "--seed", str(options.seed), "--worker", str(index), "--backend", options.backend]
     if options.timeout is not None:
         argv += ["--timeout", str(options.timeout)]
     if options.densities is not None:
