@@ -174,6 +174,7 @@ def test_two_backend_study_on_the_gpu(tiny, tmp_path):
     (study,) = studies(out)
     assert len(finished(study)) == 4
     assert all(t.distributions["backend"].choices == ("cuda", "triton") for t in finished(study))
+    assert {t.params["backend"] for t in study.trials[:2]} == {"triton", "cuda"}  # each backend's default first
     from fgattn_gen.registry import Registry
     (entry,) = data["entries"]
     shape = entry["shape"]

@@ -84,7 +84,8 @@ def _tune_in_process(run: _Run, progress=None, task=None) -> None:
     """Run every study here, one after the other, advancing ``progress`` per finished trial."""
     m = run.model
     limit = {} if run.device.smem_limit is None else {"smem_limit": run.device.smem_limit}
-    first = default_variant(dtype=DTYPES[m.dtype], head_dim=m.head_dim, block_m=m.block_m, block_n=m.block_n, **limit)
+    first = tuple(default_variant(dtype=DTYPES[m.dtype], head_dim=m.head_dim, block_m=m.block_m, block_n=m.block_n,
+                                  backend=backend, **limit) for backend in run.space.backends)
 
     def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if progress is not None and trial.state in FINISHED:

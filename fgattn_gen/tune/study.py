@@ -5,7 +5,8 @@
   ``TPESampler(multivariate=True, group=True)`` (its ``constant_liar`` default spreads parallel workers).
   Each worker gets its own seed, and a resumed study a new one. Both samplers read the same trials, so a
   study can switch between them.
-- The default variant is enqueued first (``skip_if_exists``), so every study measures it.
+- The default variant of each searched backend is enqueued first (``skip_if_exists``), so every study
+  measures them.
 - A trial interrupted by Ctrl-C (or marked FAIL by an RDB heartbeat after its worker died) is FAIL without
   the objective's ``fatal_error`` attr; its variant is enqueued again on the next run, since both samplers
   would otherwise never come back to it (BruteForce treats FAIL as explored). A variant that crashed the
@@ -84,18 +85,19 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def run_study(study: optuna.Study, space: SearchSpace, objective: Callable[[optuna.Trial], float], *,
-              budget: int, timeout: float | None, first: Variant | None,
+              budget: int, timeout: float | None, first: tuple[Variant, ...] = (),
               callbacks: tuple[Callable[[optuna.Study, FrozenTrial], None], ...] = ()) -> None:
     """Run ``study`` until it holds ``budget`` finished trials, every candidate is evaluated, or ``timeout``
-    seconds pass; ``first`` (if in the space) is enqueued as the first point, interrupted points again."""
+    seconds pass; the ``first`` points (those in the space) are enqueued first, interrupted points again."""
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in FINISHED]
     settled = {t.user_attrs.get("variant") for t in trials if t.state in FINISHED or "fatal_error" in t.user_attrs}
     remaining = budget - len(finished)
     if remaining <= 0 or space.keys <= settled:
         return
-    if first is not None and first.key in space.keys:
-        study.enqueue_trial(space.trial_params(first), skip_if_exists=True)
+    for variant in first:
+        if variant.key in space.keys:
+            study.enqueue_trial(space.trial_params(variant), skip_if_exists=True)
     waiting = [t.system_attrs.get("fixed_params") for t in trials if t.state == TrialState.WAITING]
     interrupted = {t.user_attrs.get("variant") for t in trials if t.state == TrialState.FAIL} - settled
     for key in sorted(interrupted & space.keys):
