@@ -57,7 +57,8 @@ POOLS = ((16, 32, 64, 128), (16, 128))
 GATES = ((-1.0, 0.6), (-1.0, 0.6))
 POOLED_THRESHOLDS = ((0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256), (1, 8, 64))  # x 1/(key groups)
 FINE_POOLED = (((64, 16), (32, 16), (16, 16), (16, 8), (16, 4), (16, 2)), ((32, 16),))  # (block_m, pool), finer M x 1
-VARIANCE_POOLED = (((16, 16), (16, 4), (16, 2), (128, 128)), ((32, 16),))  # threshold rule with query_variance
+# (block_m, block_n, pool) of the threshold-rule curves with query_variance
+VARIANCE_POOLED = (((16, 1, 16), (16, 1, 4), (16, 1, 2), (128, 128, 128)), ((32, 1, 16),))
 EXACT_FINE = (((64, 1, "64x1"), (32, 1, "32x1"), (16, 1, "16x1")), ((64, 1, "64x1"),))  # exact-mask M x 1
 EXACT_THRESHOLDS = ((0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), (0.5, 4, 32))  # x 1/Sk
 BLOCK_THRESHOLDS = ((1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), (4, 64, 512))  # x 1/Sk, 128x128 masks
@@ -143,10 +144,9 @@ def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log, 
                dict(threshold_x_uniform=t, pool=128, sim_threshold=-1.0),
                lambda: pooled_top_p(q, k, block_n=128, threshold=min(1.0, t / n_kblocks128), sim_threshold=-1.0,
                                     keep_keys=text))
-        for block_m, pool in VARIANCE_POOLED[sweep]:  # the second-order term (query_variance)
-            block_n = 128 if block_m == 128 and pool == 128 else 1
+        for block_m, block_n, pool in VARIANCE_POOLED[sweep]:  # the second-order term (query_variance)
             granularity = f"{block_m}x{block_n}"
-            groups = seq if block_n == 1 else n_kblocks128
+            groups = -(-seq // block_n)
             record("pooled_top_p", granularity, f"pooled_top_p {granularity} pool={pool} threshold variance",
                    dict(threshold_x_uniform=t, pool=pool, sim_threshold=-1.0, query_variance=True),
                    lambda: pooled_top_p(q, k, block_m=block_m, block_n=block_n, threshold=min(1.0, t / groups),

@@ -120,8 +120,8 @@ def validate_tuned(data, source: str = "tuned data") -> dict:
         raise ValueError(f"{source}: schema: expected {SCHEMA_VERSION}, got {data.get('schema')!r}")
     _check_mapping(data, {"metadata": dict, "entries": list}, source)
     _check_mapping(data["metadata"], _METADATA, f"{source}.metadata", _METADATA_OPTIONAL)
-    backends = data["metadata"].get("search_backends", [])
-    if not backends and "search_backends" in data["metadata"] or any(b not in BACKENDS for b in backends):
+    backends = data["metadata"].get("search_backends")
+    if backends is not None and (not backends or any(b not in BACKENDS for b in backends)):
         raise ValueError(f"{source}.metadata.search_backends: expected a non-empty list of {BACKENDS}, "
                          f"got {backends!r}")
     for i, entry in enumerate(data["entries"]):

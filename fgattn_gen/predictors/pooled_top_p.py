@@ -4,7 +4,7 @@ For every pooled query group (``pool`` consecutive queries, a divisor of the ker
 query q̄ scores every key group (``block_n`` consecutive keys, pooled to their mean key k̄; a single key when
 ``block_n == 1``) with ``softmax(scale * q̄ . k̄)``, and keeps the smallest set of key groups whose mass
 reaches ``top_p`` (``threshold.top_p_words``), or with ``threshold`` the key groups whose pooled probability
-exceeds it (``prob_threshold.threshold_words``; one absolute cut for every group: groups with peaked scores
+exceeds it (``prob_threshold.pooled_threshold_words``; one absolute cut for every group: groups with peaked scores
 keep few keys, flat ones many, as in the exact mask's threshold rule). A kernel query block keeps the union
 of its groups' keys.
 With ``query_variance`` the pooled logit gets the second-order term of the group's spread,
@@ -27,7 +27,7 @@ from ..keyset import KeySet
 from . import checks
 from .always_keep import always_keep_words
 from .pooling import group_mean, group_mean_and_similarity, group_mean_similarity_variance, pooled_scores
-from .prob_threshold import pooled_threshold_words
+from .prob_threshold import pooled_threshold_words, runs_fused
 from .threshold import keeps_every_key, top_p_words
 from .words import full_bits
 
@@ -41,10 +41,10 @@ def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, pool: int, bloc
     return max(1, min(heads, workspace_budget() // per_head))
 
 
-def _score_bytes(threshold_rule: bool, query_variance: bool, backend: str) -> int:
+def _score_bytes(threshold_rule: bool, query_variance: bool, backend: str, rows_per_block: int) -> int:
     """Workspace per pooled score: fp32 scores (twice with the variance term), plus 10 bytes for the torch
-    threshold rule's bool masks and packed bits; none for the fused Triton threshold kernel."""
-    if threshold_rule and backend == "triton":
+    threshold rule's bool masks and packed bits; none for the fused threshold kernel."""
+    if threshold_rule and runs_fused(backend, rows_per_block):
         return 0
     return 4 + 4 * query_variance + 10 * threshold_rule
 
@@ -106,7 +106,8 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
     groups_per_block = block_m // pool
     bits = torch.empty(b, h, n_qblocks, -(-n_kblocks // 32), dtype=torch.int32, device=q.device)
     chunk = _heads_per_chunk(h, seq_q, seq_k, d, pool, block_n,
-                             score_bytes=_score_bytes(threshold is not None, query_variance, backend))
+                             score_bytes=_score_bytes(threshold is not None, query_variance, backend,
+                                                      groups_per_block))
     for bi in range(b):
         for h0 in range(0, h, chunk):
             heads = slice(h0, min(h, h0 + chunk))

@@ -114,6 +114,12 @@ def _words_torch(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_bloc
     return pack_mask(keep.view(n, n_blocks, rows_per_block, n_keys).any(2))
 
 
+def runs_fused(backend: str, rows_per_block: int) -> bool:
+    """Whether ``pooled_threshold_words`` runs the fused kernel (no score matrix in memory): the Triton
+    backend and a power-of-two ``rows_per_block`` (the kernel reshapes by it); else the torch rule."""
+    return backend == "triton" and rows_per_block & (rows_per_block - 1) == 0
+
+
 def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float, threshold: float, *,
                            rows_per_block: int, n_blocks: int, backend: str, dtype: torch.dtype,
                            q_var: torch.Tensor | None = None, keep_all: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,8 +140,7 @@ def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: fl
     Returns:
         int32 ``[n, n_blocks, ceil(Gk / 32)]``.
     """
-    fused = backend == "triton" and rows_per_block & (rows_per_block - 1) == 0  # the kernel reshapes by it
-    impl = _words_triton if fused else _words_torch
+    impl = _words_triton if runs_fused(backend, rows_per_block) else _words_torch
     words = impl(q_mean, k_mean, q_var, scale, float(threshold), rows_per_block, n_blocks, dtype)
     if keep_all is not None:
         words = torch.where(keep_all[..., None], full_row_words(k_mean.shape[1], k_mean.device), words)

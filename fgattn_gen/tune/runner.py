@@ -57,8 +57,9 @@ class _Run:
             torch.cuda.set_device(options.gpus[0])
         self.device: Device = detect_device(options.interpret)
         m = self.model
-        self.space: SearchSpace = build_space(search_backends(options.backend, self.device), dtype=m.dtype, head_dim=m.head_dim, block_m=m.block_m,
-                                              block_n=m.block_n, smem_limit=self.device.smem_limit)
+        self.space: SearchSpace = build_space(search_backends(options.backend, self.device), dtype=m.dtype,
+                                              head_dim=m.head_dim, block_m=m.block_m, block_n=m.block_n,
+                                              smem_limit=self.device.smem_limit)
         self.storage_spec: StorageSpec = (parse_storage(options.storage) if options.storage
                                           else default_journal(options.out, self.device.slug, m.name))
         self.storage = open_storage(self.storage_spec)
