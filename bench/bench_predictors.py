@@ -10,7 +10,8 @@ device, so a seed's tensors differ between CPU and GPU). Each predictor configur
 that of the whole KeySet; its error is measured on a slice of ``--eval-blocks`` query blocks of 128 rows
 spread over the sequence (all heads): sparse ``fgattn_gen.attention`` (bf16 kernel) against the dense fp32
 ``reference_attention``: rel_l2 = |out - ref| / |ref| over the slice, cos = mean over query rows of the
-cosine similarity. Pooled predictors always keep the text tokens (``keep_keys``).
+cosine similarity. Pooled curves keep the text tokens (``keep_keys``), and the main ones are also run
+without (``no-text``); an oracle 16 x 1 KeySet (true probabilities and values) bounds what M x 1 can do.
 
 Timing (``--timing-shape``, default S = 32,760, H = 24, D = 128): medians of ``triton.testing.do_bench``
 for dense ``sdpa`` through cuDNN and each predictor call, in the same run; each row's ratio is to the dense
@@ -63,6 +64,8 @@ EXACT_FINE = (((64, 1, "64x1"), (32, 1, "32x1"), (16, 1, "16x1")), ((64, 1, "64x
 EXACT_THRESHOLDS = ((0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), (0.5, 4, 32))  # x 1/Sk
 BLOCK_THRESHOLDS = ((1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), (4, 64, 512))  # x 1/Sk, 128x128 masks
 EXACT_TOP_P = ((0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (0.7, 0.95))
+ORACLE_BLOCK_M = 16  # the finest kernel query block
+ORACLE_DENSITIES = ((0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6), (0.1, 0.3, 0.5))
 
 
 # ---------------------------------------------------------------------------------------- accuracy
@@ -140,17 +143,26 @@ def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log, 
                    dict(threshold_x_uniform=t, pool=pool, sim_threshold=-1.0),
                    lambda: pooled_top_p(q, k, block_m=block_m, threshold=min(1.0, t / seq), pool=pool,
                                         sim_threshold=-1.0, keep_keys=text))
-        record("pooled_top_p", "128x128", "pooled_top_p 128x128 threshold",
-               dict(threshold_x_uniform=t, pool=128, sim_threshold=-1.0),
-               lambda: pooled_top_p(q, k, block_n=128, threshold=min(1.0, t / n_kblocks128), sim_threshold=-1.0,
-                                    keep_keys=text))
-        for block_m, block_n, pool in VARIANCE_POOLED[sweep]:  # the second-order term (query_variance)
-            granularity = f"{block_m}x{block_n}"
-            groups = -(-seq // block_n)
-            record("pooled_top_p", granularity, f"pooled_top_p {granularity} pool={pool} threshold variance",
-                   dict(threshold_x_uniform=t, pool=pool, sim_threshold=-1.0, query_variance=True),
-                   lambda: pooled_top_p(q, k, block_m=block_m, block_n=block_n, threshold=min(1.0, t / groups),
-                                        pool=pool, sim_threshold=-1.0, keep_keys=text, query_variance=True))
+    # keep_keys is a knob: forcing the text tokens in spends density on them; both settings, both granularities
+    for keep, suffix in ((text, ""), (None, " no-text")) if text else ((None, ""),):
+        for t in POOLED_THRESHOLDS[sweep]:
+            record("pooled_top_p", "128x128", f"pooled_top_p 128x128 threshold{suffix}",
+                   dict(threshold_x_uniform=t, pool=128, sim_threshold=-1.0, text=keep is not None),
+                   lambda: pooled_top_p(q, k, block_n=128, threshold=min(1.0, t / n_kblocks128),
+                                        sim_threshold=-1.0, keep_keys=keep))
+            for block_m, block_n, pool in VARIANCE_POOLED[sweep]:  # the second-order term (query_variance)
+                granularity = f"{block_m}x{block_n}"
+                groups = -(-seq // block_n)
+                record("pooled_top_p", granularity, f"pooled_top_p {granularity} pool={pool} threshold variance{suffix}",
+                       dict(threshold_x_uniform=t, pool=pool, sim_threshold=-1.0, query_variance=True,
+                            text=keep is not None),
+                       lambda: pooled_top_p(q, k, block_m=block_m, block_n=block_n, threshold=min(1.0, t / groups),
+                                            pool=pool, sim_threshold=-1.0, keep_keys=keep, query_variance=True))
+        if suffix:
+            for top_p in POOLED_TOP_P[sweep]:
+                record("pooled_top_p", "128x128", f"pooled_top_p 128x128 gate=off{suffix}",
+                       dict(top_p=top_p, pool=128, sim_threshold=-1.0, text=False),
+                       lambda: pooled_top_p(q, k, top_p=top_p, block_n=128, sim_threshold=-1.0))
 
     precisions = ("exact", "fp8") if torch.cuda.is_available() else ("exact",)
     for block_m, block_n, granularity, thresholds in ((128, 1, "128x1", EXACT_THRESHOLDS),
@@ -170,7 +182,36 @@ def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log, 
                        dict(top_p=top_p, score_precision=precision),
                        lambda: exact_mask(q, k, v, block_m=block_m, block_n=block_n, top_p=top_p,
                                           score_precision=precision)[1])
+    for density in ORACLE_DENSITIES[sweep]:
+        record("oracle", f"{ORACLE_BLOCK_M}x1", f"oracle {ORACLE_BLOCK_M}x1", dict(target_density=density),
+               lambda: oracle_keys(q, k, v, ORACLE_BLOCK_M, density))
     return rows
+
+
+def oracle_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, density: float) -> KeySet:
+    """An M x 1 KeySet no predictor of q and k can beat by much: it knows the true probabilities and values.
+
+    First-order error model: dropping key j moves row i's output by about ``p_ij (v_j - o_i)``; with
+    independent contributions a block's squared error is the sum over its rows and dropped keys of
+    ``p_ij^2 |v_j - o_i|^2``, so keeping the (block, key) pairs with the largest sums, one cut over every
+    head (at ``density`` of a 4M-entry sample), is the model's greedy optimum. q, k, v ``[1, H, S, D]``.
+    """
+    _, h, seq, _ = q.shape
+    nq = -(-seq // block_m)
+    weight = torch.empty(h, nq, seq, device=q.device)
+    for hi in range(h):  # one head's fp32 [S, S] at a time
+        qh, kh, vh = (x[0, hi].float() for x in (q, k, v))
+        p = torch.softmax(qh @ kh.T * q.shape[-1] ** -0.5, -1)
+        o = p @ vh
+        p2 = p * p
+        w = p2 * (vh * vh).sum(-1) - 2 * p2 * (o @ vh.T) + p2 * (o * o).sum(-1)[:, None]
+        weight[hi] = torch.nn.functional.pad(w, (0, 0, 0, nq * block_m - seq)).view(nq, block_m, seq).sum(1)
+    flat = weight.flatten()
+    picks = torch.randint(0, flat.numel(), (min(flat.numel(), 4_000_000),), device=q.device,
+                          generator=torch.Generator(q.device).manual_seed(0))
+    sample = flat[picks].sort().values
+    cut = sample[min(len(sample) - 1, int(len(sample) * (1 - density)))]
+    return KeySet.from_mask((weight > cut)[None], block_m=block_m, block_n=1)
 
 
 def error_at(points: list[tuple[float, float]], density: float) -> float:
@@ -182,9 +223,19 @@ def error_at(points: list[tuple[float, float]], density: float) -> float:
     return math.exp(np.interp(density, xs, [math.log(max(e, 1e-7)) for _, e in points]))
 
 
+# (label, M x 1 predictors, 128 x 128 predictors, 128 x 128 rule: "top_p" or None for any)
+COMPARISONS = (
+    ("pooled M x 1 / pooled 128x128 top-p", ("pooled_top_p",), ("pooled_top_p",), "top_p"),  # SpargeAttn's rule
+    ("exact M x 1 / exact 128x128", ("exact_mask",), ("exact_mask",), None),
+    ("pooled M x 1 / pooled 128x128 any rule", ("pooled_top_p",), ("pooled_top_p",), None),
+    ("best M x 1 / best 128x128", ("pooled_top_p", "exact_mask"), ("pooled_top_p", "exact_mask"), None),
+    ("oracle 16x1 / best 128x128", ("oracle",), ("pooled_top_p", "exact_mask"), None),
+)
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per shape, data seed and target density: every curve's interpolated error; best M x 1 (block_n = 1)
-    over best 128 x 128."""
+    """Per shape, data seed and target density: every curve's interpolated error; for each of
+    ``COMPARISONS`` the best M x 1 curve (block_n = 1) over the best 128 x 128 curve."""
     out = []
     for shape, seed in dict.fromkeys((r["shape"], r["seed"]) for r in rows):
         curves: dict[str, dict] = {}
@@ -196,19 +247,17 @@ def summarize(rows: list[dict]) -> list[dict]:
         for density in TARGET_DENSITIES:
             errors = {name: error_at(c["points"], density) for name, c in curves.items()}
 
-            def best(predictor, fine):
+            def best(predictors, fine, rule=None):
                 cands = [(e, n) for n, e in errors.items() if not math.isnan(e)
-                         and (predictor is None or curves[n]["predictor"] == predictor)
+                         and curves[n]["predictor"] in predictors
                          and (curves[n]["granularity"].endswith("x1") if fine
-                              else curves[n]["granularity"] == "128x128")]
+                              else curves[n]["granularity"] == "128x128")
+                         and (rule is None or "threshold" not in n)]
                 return min(cands) if cands else (float("nan"), None)
 
             comparisons = {}
-            for label, fine_pred, block_pred in (("pooled M x 1 / pooled 128x128", "pooled_top_p", "pooled_top_p"),
-                                                 ("exact M x 1 / exact 128x128", "exact_mask", "exact_mask"),
-                                                 ("pooled M x 1 / exact 128x128", "pooled_top_p", "exact_mask"),
-                                                 ("exact M x 1 / pooled 128x128", "exact_mask", "pooled_top_p")):
-                (fe, fn), (be, bn) = best(fine_pred, True), best(block_pred, False)
+            for label, fine_preds, block_preds, block_rule in COMPARISONS:
+                (fe, fn), (be, bn) = best(fine_preds, True), best(block_preds, False, block_rule)
                 comparisons[label] = dict(ratio=fe / be if be == be and fe == fe else float("nan"),
                                           fine=fn, fine_rel_l2=fe, block=bn, block_rel_l2=be)
             out.append(dict(shape=shape, seed=seed, density=density, errors=errors, comparisons=comparisons))
@@ -327,6 +376,28 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
 
 
 # ---------------------------------------------------------------------------------------- report
+PANELS = {"pooled_top_p": ("pooled_top_p", "oracle"), "exact_mask": ("exact_mask", "oracle")}  # plot rows
+# always drawn: the defaults, SpargeAttn's rule at 128 x 128, the exact-mask refresh
+REFERENCE_CURVES = ("pooled_top_p 128x1 pool=128 gate=0.6", "pooled_top_p 128x128 gate=off",
+                    "exact_mask 128x1 threshold fp8")
+
+
+def plotted_curves(summary: list[dict], shape: str, seed: int, predictors: tuple[str, ...]) -> set[str]:
+    """The curves one panel draws: for each target density and each of ``predictors`` the best M x 1 and
+    the best 128 x 128 curve, plus its ``REFERENCE_CURVES`` (every curve stays in the JSON and the tables)."""
+    keep = {n for n in REFERENCE_CURVES if n.split()[0] in predictors}
+    for s in summary:
+        if (s["shape"], s["seed"]) != (shape, seed):
+            continue
+        for predictor in predictors:
+            for fine in (True, False):
+                cands = [(e, n) for n, e in s["errors"].items() if e == e and n.split()[0] == predictor
+                         and (n.split()[1].endswith("x1") if fine else n.split()[1] == "128x128")]
+                if cands:
+                    keep.add(min(cands)[1])
+    return keep
+
+
 def plot(result: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -341,19 +412,21 @@ def plot(result: dict, path: Path) -> bool:
         for row, predictor in enumerate(("pooled_top_p", "exact_mask")):
             ax = axes[row][col]
             curves = {}
+            shown = plotted_curves(result["summary"], shape, seed, PANELS[predictor])
             for r in result["accuracy"]:
-                if (r["shape"], r["seed"], r["predictor"]) == (shape, seed, predictor):
+                if (r["shape"], r["seed"]) == (shape, seed) and r["curve"] in shown:
                     curves.setdefault(r["curve"], []).append((r["density"], max(r["rel_l2"], 1e-5)))
             for name, pts in sorted(curves.items()):
                 pts.sort()
                 style = {"128x128": "--", "64x1": ":", "32x1": ":", "16x1": ":", "128x4": "-."}.get(name.split()[1], "-")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=name[len(predictor) + 1:])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".",
+                        label=name.removeprefix(predictor + " "))
             ax.set_xscale("linear")
             ax.set_yscale("log")
             ax.set_xlim(0, 1)
             ax.set_xlabel("key density of the KeySet")
             ax.set_ylabel("relative L2 error vs dense fp32")
-            ax.set_title(f"{predictor} on {shape}, data seed {seed}")
+            ax.set_title(f"{predictor} on {shape}, data seed {seed}: best curves and defaults")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=6, ncol=2, loc="upper right")
     fig.suptitle(f"{result['name']}: {result['device']}, {result['date']}")
@@ -366,8 +439,10 @@ def markdown(result: dict) -> str:
     lines = [*header_lines(result),
              "Error = sparse `attention()` output (bf16 kernel) vs dense fp32 `reference_attention` on a slice "
              "of query blocks (all heads); density = whole KeySet. Errors at a target density are log-linear "
-             "interpolations along each curve (blank: outside the curve's range). Pooled predictors keep "
-             "the text tokens. Plot: " + f"`{result['name']}.png`.", ""]
+             "interpolations along each curve (blank: outside the curve's range). Pooled curves keep the text "
+             "tokens of joint attention (`keep_keys`) unless marked no-text. The oracle curve knows the true "
+             "probabilities and values (`oracle_keys`): about the best any 16 x 1 KeySet does. Plot: "
+             + f"`{result['name']}.png`.", ""]
     summary = result["summary"]
     seeds = list(dict.fromkeys(s["seed"] for s in summary))
     lines += ["## Best M x 1 / best 128 x 128 at equal density, per data seed", "",
