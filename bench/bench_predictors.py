@@ -33,11 +33,13 @@ if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at dec
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import triton.testing  # noqa: E402
 
 from benchlib import RESULTS, header_lines, run_info, timer, write_results  # noqa: E402
 from fgattn_gen import KeySet, attention, reference_attention  # noqa: E402
@@ -65,6 +67,7 @@ EXACT_THRESHOLDS = ((0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), (0.5, 4, 32))  # x 1/Sk
 BLOCK_THRESHOLDS = ((1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), (4, 64, 512))  # x 1/Sk, 128x128 masks
 EXACT_TOP_P = ((0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (0.7, 0.95))
 ORACLE_BLOCK_M = 16  # the finest kernel query block
+BAR_ROUNDS = 7  # alternating dense / predictor timings behind the rows the issue's overhead bars apply to
 ORACLE_DENSITIES = ((0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6), (0.1, 0.3, 0.5))
 
 
@@ -153,7 +156,8 @@ def accuracy_rows(shape_name: str, device: str, n_blocks: int, sweep: int, log, 
             for block_m, block_n, pool in VARIANCE_POOLED[sweep]:  # the second-order term (query_variance)
                 granularity = f"{block_m}x{block_n}"
                 groups = -(-seq // block_n)
-                record("pooled_top_p", granularity, f"pooled_top_p {granularity} pool={pool} threshold variance{suffix}",
+                record("pooled_top_p", granularity,
+                       f"pooled_top_p {granularity} pool={pool} threshold variance{suffix}",
                        dict(threshold_x_uniform=t, pool=pool, sim_threshold=-1.0, query_variance=True,
                             text=keep is not None),
                        lambda: pooled_top_p(q, k, block_m=block_m, block_n=block_n, threshold=min(1.0, t / groups),
@@ -283,25 +287,33 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
     rows.append(dict(what=dense_name, **base, ms=dense_ms, vs_dense=1.0))
     log(f"timing {dense_name:64s} {dense_ms:9.3f} ms")
 
-    def record(what, fn, **extra):
+    def record(what, fn, rounds=1, **extra):
         """Times ``fn`` right after the dense baseline (GPU): a long run warms the card and lowers its clocks,
-        so each ratio compares two timings taken under the same conditions."""
+        so each ratio compares two timings taken under the same conditions. ``rounds`` > 1 alternates dense
+        and ``fn`` that many times and keeps the medians (ms, dense ms, ratio): the rows that carry a bar."""
+        rounds = 1 if cpu else rounds  # the CPU smoke run's wall-clock calls are no performance numbers
         try:
-            adjacent = dense_ms if cpu else measure(dense_fn)
-            if not cpu:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                start = torch.cuda.memory_allocated()
-            ms = measure(fn)
-            if not cpu:
-                extra["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - start) / 2 ** 20
+            pairs = []
+            for _ in range(rounds):
+                adjacent = dense_ms if cpu else measure(dense_fn)
+                if not cpu:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    start = torch.cuda.memory_allocated()
+                pairs.append((measure(fn), adjacent))
+                if not cpu:
+                    extra["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - start) / 2 ** 20
         except Exception as exc:  # noqa: BLE001 - a failing configuration is reported, the run goes on
             log(f"timing {what:64s} FAILED {type(exc).__name__}: {str(exc)[:300]}")
             rows.append(dict(what=what, **base, failed=f"{type(exc).__name__}: {str(exc)[:300]}"))
             return
-        rows.append(dict(what=what, **base, ms=ms, dense_ms=adjacent, vs_dense=ms / adjacent, **extra))
-        log(f"timing {what:64s} {ms:9.3f} ms  {100 * ms / adjacent:7.2f} % of {dense_name} "
-            f"({adjacent:.3f} ms just before)")
+        ms, adjacent = (statistics.median(x) for x in zip(*pairs))
+        ratio = statistics.median(a / b for a, b in pairs)
+        if rounds > 1:
+            extra["rounds"] = rounds
+        rows.append(dict(what=what, **base, ms=ms, dense_ms=adjacent, vs_dense=ratio, **extra))
+        log(f"timing {what:64s} {ms:9.3f} ms  {100 * ratio:7.2f} % of {dense_name} "
+            f"({adjacent:.3f} ms just before{f', median of {rounds} rounds' if rounds > 1 else ''})")
 
     if not cpu:
         record("sdpa-flash", lambda: sdpa(q, k, v, "flash"))
@@ -312,7 +324,7 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
     # pooled top-p: the whole predictor, then its parts on all heads at once
     for pool in (16, 32, 64, 128):
         record(f"pooled_top_p 128x1 pool={pool} (top_p 0.9, gate 0.6)", lambda: pooled_top_p(q, k, pool=pool),
-               predictor="pooled_top_p", granularity="128x1", pool=pool)
+               rounds=BAR_ROUNDS if pool == 128 else 1, predictor="pooled_top_p", granularity="128x1", pool=pool)
     record("pooled_top_p 128x128 (top_p 0.9, gate 0.6)", lambda: pooled_top_p(q, k, block_n=128),
            predictor="pooled_top_p", granularity="128x128", pool=128)
     record("pooled_top_p 128x4 pool=16 (top_p 0.9, gate 0.6)", lambda: pooled_top_p(q, k, pool=16, block_n=4),
@@ -347,6 +359,7 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
         for rule_name, rule in (("threshold 0.5/Sk", {}), ("top_p 0.9", dict(top_p=0.9))):
             record(f"exact_mask refresh 128x1 {rule_name} ({precision})",
                    lambda: exact_mask(q, k, v, score_precision=precision, **rule),
+                   rounds=BAR_ROUNDS if (precision, rule) == ("fp8", {}) else 1,
                    predictor="exact_mask", granularity="128x1", score_precision=precision)
     for block_m in (64, 16):
         record(f"exact_mask refresh {block_m}x1 threshold 0.5/Sk (fp8)",
@@ -371,8 +384,34 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
         differ = (exact.to_mask() != fp8.to_mask()).float().mean().item()
         checks[f"fp8_vs_exact_{rule_name}"] = dict(density_exact=exact.density(), density_fp8=fp8.density(),
                                                     fraction_of_bits_differing=differ)
+    if not cpu:
+        checks["pooled_top_p_default_call"] = host_and_graph_ms(lambda: pooled_top_p(q, k))
     log(f"checks {json.dumps(checks)}")
     return rows, checks
+
+
+def host_and_graph_ms(fn, calls: int = 20) -> dict:
+    """Host time to enqueue one call of ``fn`` (queued behind a GPU sleep, so the host never waits for the
+    GPU) and the median replay time of ``fn`` captured in a CUDA graph (GPU time without launch gaps): an
+    eager timing near the graph's means the call is GPU-bound."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # about a second of GPU time at Hopper clocks
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_ms = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm the allocator's pools on a side stream before capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return dict(host_ms=host_ms, graph_ms=triton.testing.do_bench(graph.replay, warmup=10, rep=100))
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -418,7 +457,7 @@ def plot(result: dict, path: Path) -> bool:
                     curves.setdefault(r["curve"], []).append((r["density"], max(r["rel_l2"], 1e-5)))
             for name, pts in sorted(curves.items()):
                 pts.sort()
-                style = {"128x128": "--", "64x1": ":", "32x1": ":", "16x1": ":", "128x4": "-."}.get(name.split()[1], "-")
+                style = {"128x128": "--", "128x4": "-.", "128x1": "-"}.get(name.split()[1], ":")  # finer M: dotted
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".",
                         label=name.removeprefix(predictor + " "))
             ax.set_xscale("linear")
@@ -474,7 +513,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     if result["timing"]:
-        lines += ["## Overhead", "", "% of dense: against the dense time measured just before the row.", "",
+        lines += ["## Overhead", "",
+                  "% of dense: against the dense time measured just before the row; rows with rounds alternate "
+                  "dense and the row that many times (medians of the times and of the ratios).", "",
                   "| what | shape [B,H,Sq,Sk,D] | ms | dense ms | % of dense | extra peak MiB |",
                   "|---|---|---|---|---|---|"]
         for r in result["timing"]:
@@ -482,7 +523,8 @@ def markdown(result: dict) -> str:
             if "failed" in r:
                 lines.append(f"| {r['what']} | {r['shape']} | failed: {r['failed'][:80]} | | | |")
             else:
-                lines.append(f"| {r['what']} | {r['shape']} | {r['ms']:.3f} | {r.get('dense_ms', r['ms']):.3f} | "
+                what = r["what"] + (f" ({r['rounds']} rounds)" if "rounds" in r else "")
+                lines.append(f"| {what} | {r['shape']} | {r['ms']:.3f} | {r.get('dense_ms', r['ms']):.3f} | "
                              f"{100 * r['vs_dense']:.2f} | {mib} |")
         lines += ["", "Checks: `" + json.dumps(result["checks"]) + "`", ""]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ workspace stays under ``workspace_budget()`` bytes (default 1 GiB, ``FGATTN_INDE
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -126,12 +127,17 @@ def compact(keys: KeySet, bh_start: int, n_bh: int, seq_k: int) -> tuple[torch.T
 _CUDA_WARPS = 4
 
 
+@functools.cache
+def _cuda_compact_kernel(device_index: int) -> nvrtc.CudaKernel:
+    """The CUDA compaction kernel, looked up once (it runs on every attention call)."""
+    return nvrtc.load_kernel(templates_dir() / "cuda" / "compact_keys.cu", "fgattn_compact_keys", device_index,
+                             (("FGATTN_COMPACT_WARPS", _CUDA_WARPS),))
+
+
 def _compact_cuda(keys: KeySet, bh_start: int, n_bh: int, seq_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same as ``compact`` through the warp-per-row CUDA kernel (templates/cuda/compact_keys.cu)."""
     _, _, nq, nk = keys.shape
-    kernel = nvrtc.load_kernel(templates_dir() / "cuda" / "compact_keys.cu", "fgattn_compact_keys",
-                               keys.device.index if keys.device.index is not None else torch.cuda.current_device(),
-                               (("FGATTN_COMPACT_WARPS", _CUDA_WARPS),))
+    kernel = _cuda_compact_kernel(keys.device.index if keys.device.index is not None else torch.cuda.current_device())
     idx = torch.empty(n_bh, nq, nk, dtype=torch.int32, device=keys.device)
     n_keys = torch.empty(n_bh, nq, dtype=torch.int32, device=keys.device)
     n_rows = n_bh * nq

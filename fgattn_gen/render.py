@@ -16,9 +16,13 @@ _TL_DTYPES = {"bf16": "tl.bfloat16", "fp16": "tl.float16"}
 _TEMPLATES = {"triton": "triton/gather_attention.py.j2", "cuda": "cuda/gather_attention.cu.j2"}
 
 
+_CHECKOUT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
 def templates_dir() -> Path:
     """The template root: ``$FGATTN_TEMPLATES`` or the checkout's ``templates/``."""
-    return Path(os.environ.get("FGATTN_TEMPLATES", Path(__file__).resolve().parent.parent / "templates"))
+    override = os.environ.get("FGATTN_TEMPLATES")
+    return Path(override) if override else _CHECKOUT_TEMPLATES
 
 
 @functools.cache

@@ -33,11 +33,11 @@ from .words import full_bits
 
 
 def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, pool: int, block_n: int, *,
-                     score_bytes: int) -> int:
+                     score_bytes: int, key_copies: int) -> int:
     """Heads whose fp32 workspace (``score_bytes`` per pooled score, pooled queries and their variance,
-    pooled keys) fits ``workspace_budget()``."""
+    ``key_copies`` fp32 ``[Gk, D]`` key tensors) fits ``workspace_budget()``."""
     n_pool, n_kblocks = -(-seq_q // pool), -(-seq_k // block_n)
-    per_head = score_bytes * n_pool * n_kblocks + 4 * (3 * n_pool * d + n_kblocks * d)
+    per_head = score_bytes * n_pool * n_kblocks + 4 * (3 * n_pool * d + key_copies * n_kblocks * d)
     return max(1, min(heads, workspace_budget() // per_head))
 
 
@@ -107,7 +107,8 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
     bits = torch.empty(b, h, n_qblocks, -(-n_kblocks // 32), dtype=torch.int32, device=q.device)
     chunk = _heads_per_chunk(h, seq_q, seq_k, d, pool, block_n,
                              score_bytes=_score_bytes(threshold is not None, query_variance, backend,
-                                                      groups_per_block))
+                                                      groups_per_block),
+                             key_copies=(block_n > 1) + 2 * query_variance)  # pooled keys; fp32 keys, squared
     for bi in range(b):
         for h0 in range(0, h, chunk):
             heads = slice(h0, min(h, h0 + chunk))

@@ -21,6 +21,7 @@ CPU without the interpreter: the same search in torch ops.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -157,14 +158,20 @@ def _cuda_launch_shape(n_keys: int) -> tuple[int, int]:
     return threads, 8 * triton.cdiv(triton.cdiv(n_keys, threads), 8)
 
 
+@functools.cache
+def _top_p_kernel(device_index: int, threads: int, elems: int) -> nvrtc.CudaKernel:
+    """The CUDA kernel for one launch shape, looked up once (the predictor runs on every denoising step)."""
+    return nvrtc.load_kernel(templates_dir() / "cuda" / "top_p_words.cu", "fgattn_top_p_words", device_index,
+                             (("FGATTN_TOPP_THREADS", threads), ("FGATTN_TOPP_ELEMS", elems)))
+
+
 def _top_p_words_cuda(scores: torch.Tensor, top_p: float, rows_per_block: int, n_blocks: int, iters: int,
                       keep_all: torch.Tensor) -> torch.Tensor:
     n, n_rows, n_keys = scores.shape
     n_words = triton.cdiv(n_keys, 32)
     threads, elems = _cuda_launch_shape(n_keys)
     device = scores.device.index if scores.device.index is not None else torch.cuda.current_device()
-    kernel = nvrtc.load_kernel(templates_dir() / "cuda" / "top_p_words.cu", "fgattn_top_p_words", device,
-                               (("FGATTN_TOPP_THREADS", threads), ("FGATTN_TOPP_ELEMS", elems)))
+    kernel = _top_p_kernel(device, threads, elems)
     words = torch.empty(n, n_blocks, n_words, dtype=torch.int32, device=scores.device)
     kernel((n_blocks, n, 1), (threads, 1, 1), scores, keep_all, words, n_rows, n_keys, n_words, rows_per_block,
            float(top_p), iters)
