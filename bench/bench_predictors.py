@@ -6,17 +6,20 @@ beside the same predictors at 128 x 128 block granularity, and their overhead ag
 
 Accuracy: DiT-like q/k/v (``fgattn_gen.ditdata``: HunyuanVideo-like 24 heads x D=128 and CogVideoX-like
 48 heads x D=64 grids), one call per ``--seeds`` value (default 0; the generator runs on the benchmark's
-device, so a seed's tensors differ between CPU and GPU). Each predictor configuration predicts a KeySet for the whole call; its density is
-that of the whole KeySet; its error is measured on a slice of ``--eval-blocks`` query blocks of 128 rows
-spread over the sequence (all heads): sparse ``fgattn_gen.attention`` (bf16 kernel) against the dense fp32
-``reference_attention``: rel_l2 = |out - ref| / |ref| over the slice, cos = mean over query rows of the
-cosine similarity. Pooled curves keep the text tokens (``keep_keys``), and the main ones are also run
-without (``no-text``); an oracle 16 x 1 KeySet (true probabilities and values) bounds what M x 1 can do.
+device, so a seed's tensors differ between CPU and GPU). Each predictor configuration predicts a KeySet for
+the whole call; its density is that of the whole KeySet; its error is measured on a slice of
+``--eval-blocks`` query blocks of 128 rows spread over the sequence (all heads): sparse
+``fgattn_gen.attention`` (bf16 kernel) against the dense fp32 ``reference_attention``:
+rel_l2 = |out - ref| / |ref| over the slice, cos = mean over query rows of the cosine similarity. Pooled
+curves keep the text tokens (``keep_keys``), and the main ones are also run without (``no-text``); an oracle
+16 x 1 KeySet (true probabilities and values, ``oracle_keys``) approximates the best any M x 1 mask does.
 
 Timing (``--timing-shape``, default S = 32,760, H = 24, D = 128): medians of ``triton.testing.do_bench``
 for dense ``sdpa`` through cuDNN and each predictor call, in the same run; each row's ratio is to the dense
-time measured just before it (the card's clocks drift as it warms over the run); with --cpu, one
-wall-clock call per row on a tiny shape (it only exercises the code).
+time measured just before it (the card's clocks drift as it warms over the run); the rows of the default
+pooled call and the default refresh alternate dense and predictor ``BAR_ROUNDS`` times (medians), and the
+checks hold the default pooled call's host-enqueue and CUDA-graph times; with --cpu, one wall-clock call per
+row on a tiny shape (it only exercises the code).
 
 Writes ``bench/results/<name>.json`` (rows as ``{"predictor", "granularity", "density", "rel_l2", "cos",
 ...}``), ``<name>.md`` and ``<name>.png`` (error vs density; needs matplotlib).
@@ -39,7 +42,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import triton.testing  # noqa: E402
 
 from benchlib import RESULTS, header_lines, run_info, timer, write_results  # noqa: E402
 from fgattn_gen import KeySet, attention, reference_attention  # noqa: E402
@@ -67,7 +69,7 @@ EXACT_THRESHOLDS = ((0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), (0.5, 4, 32))  # x 1/Sk
 BLOCK_THRESHOLDS = ((1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), (4, 64, 512))  # x 1/Sk, 128x128 masks
 EXACT_TOP_P = ((0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (0.7, 0.95))
 ORACLE_BLOCK_M = 16  # the finest kernel query block
-BAR_ROUNDS = 7  # alternating dense / predictor timings behind the rows the issue's overhead bars apply to
+BAR_ROUNDS = 7  # alternating dense / predictor timings of the default pooled call and the default refresh
 ORACLE_DENSITIES = ((0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6), (0.1, 0.3, 0.5))
 
 
@@ -227,13 +229,13 @@ def error_at(points: list[tuple[float, float]], density: float) -> float:
     return math.exp(np.interp(density, xs, [math.log(max(e, 1e-7)) for _, e in points]))
 
 
-# (label, M x 1 predictors, 128 x 128 predictors, 128 x 128 rule: "top_p" or None for any)
+# (label, M x 1 predictors, 128 x 128 predictors, whether the 128 x 128 side is limited to the top-p rule)
 COMPARISONS = (
-    ("pooled M x 1 / pooled 128x128 top-p", ("pooled_top_p",), ("pooled_top_p",), "top_p"),  # SpargeAttn's rule
-    ("exact M x 1 / exact 128x128", ("exact_mask",), ("exact_mask",), None),
-    ("pooled M x 1 / pooled 128x128 any rule", ("pooled_top_p",), ("pooled_top_p",), None),
-    ("best M x 1 / best 128x128", ("pooled_top_p", "exact_mask"), ("pooled_top_p", "exact_mask"), None),
-    ("oracle 16x1 / best 128x128", ("oracle",), ("pooled_top_p", "exact_mask"), None),
+    ("pooled M x 1 / pooled 128x128 top-p", ("pooled_top_p",), ("pooled_top_p",), True),  # SpargeAttn's rule
+    ("exact M x 1 / exact 128x128", ("exact_mask",), ("exact_mask",), False),
+    ("pooled M x 1 / pooled 128x128 any rule", ("pooled_top_p",), ("pooled_top_p",), False),
+    ("best M x 1 / best 128x128", ("pooled_top_p", "exact_mask"), ("pooled_top_p", "exact_mask"), False),
+    ("oracle 16x1 / best 128x128", ("oracle",), ("pooled_top_p", "exact_mask"), False),
 )
 
 
@@ -251,17 +253,17 @@ def summarize(rows: list[dict]) -> list[dict]:
         for density in TARGET_DENSITIES:
             errors = {name: error_at(c["points"], density) for name, c in curves.items()}
 
-            def best(predictors, fine, rule=None):
+            def best(predictors, fine, top_p_only=False):
                 cands = [(e, n) for n, e in errors.items() if not math.isnan(e)
                          and curves[n]["predictor"] in predictors
                          and (curves[n]["granularity"].endswith("x1") if fine
                               else curves[n]["granularity"] == "128x128")
-                         and (rule is None or "threshold" not in n)]
+                         and not (top_p_only and "threshold" in n)]
                 return min(cands) if cands else (float("nan"), None)
 
             comparisons = {}
-            for label, fine_preds, block_preds, block_rule in COMPARISONS:
-                (fe, fn), (be, bn) = best(fine_preds, True), best(block_preds, False, block_rule)
+            for label, fine_preds, block_preds, top_p_only in COMPARISONS:
+                (fe, fn), (be, bn) = best(fine_preds, True), best(block_preds, False, top_p_only)
                 comparisons[label] = dict(ratio=fe / be if be == be and fe == fe else float("nan"),
                                           fine=fn, fine_rel_l2=fe, block=bn, block_rel_l2=be)
             out.append(dict(shape=shape, seed=seed, density=density, errors=errors, comparisons=comparisons))
@@ -392,8 +394,8 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
 
 def host_and_graph_ms(fn, calls: int = 20) -> dict:
     """Host time to enqueue one call of ``fn`` (queued behind a GPU sleep, so the host never waits for the
-    GPU) and the median replay time of ``fn`` captured in a CUDA graph (GPU time without launch gaps): an
-    eager timing near the graph's means the call is GPU-bound."""
+    GPU) and the median replay time of ``fn`` captured in a CUDA graph (GPU time without launch gaps; the
+    benchmark's ``timer`` settings): an eager timing near the graph's means the call is GPU-bound."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -411,7 +413,7 @@ def host_and_graph_ms(fn, calls: int = 20) -> dict:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return dict(host_ms=host_ms, graph_ms=triton.testing.do_bench(graph.replay, warmup=10, rep=100))
+    return dict(host_ms=host_ms, graph_ms=timer(False)(graph.replay))
 
 
 # ---------------------------------------------------------------------------------------- report

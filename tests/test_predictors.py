@@ -136,8 +136,8 @@ def test_top_p_words_match_sort(gen, monkeypatch, resident_keys, n_keys):
 @pytest.mark.parametrize("n_keys, rows_per_block", [(1, 1), (37, 4), (300, 2), (300, 3)])
 def test_pooled_threshold_words_match_slow(gen, n_keys, rows_per_block):
     """The fused kernel (several key tiles, rows OR-ed per block, rows past the last block) and the torch
-    rule against softmax > threshold, with and without the variance term; 150 pooled rows span two programs of
-    either launch configuration."""
+    rule against softmax > threshold, with and without the variance term; 150 pooled rows span at least two
+    programs of either launch configuration."""
     groups = 150
     n_blocks = -(-groups // rows_per_block) + 1
     q_mean, q_var = randn(gen, 2, groups, 64), randn(gen, 2, groups, 64).abs()

@@ -32,12 +32,14 @@ from .threshold import keeps_every_key, top_p_words
 from .words import full_bits
 
 
-def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, pool: int, block_n: int, *,
+def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, pool: int, block_m: int, block_n: int, *,
                      score_bytes: int, key_copies: int) -> int:
-    """Heads whose fp32 workspace (``score_bytes`` per pooled score, pooled queries and their variance,
-    ``key_copies`` fp32 ``[Gk, D]`` key tensors) fits ``workspace_budget()``."""
+    """Heads whose workspace fits ``workspace_budget()``: ``score_bytes`` per pooled score, the fp32 pooled
+    queries and their variance, ``key_copies`` fp32 ``[Gk, D]`` key tensors, and two int32 copies of the
+    chunk's KeySet words (the words and the gate's ``torch.where``)."""
     n_pool, n_kblocks = -(-seq_q // pool), -(-seq_k // block_n)
-    per_head = score_bytes * n_pool * n_kblocks + 4 * (3 * n_pool * d + key_copies * n_kblocks * d)
+    words = -(-seq_q // block_m) * -(-n_kblocks // 32)
+    per_head = score_bytes * n_pool * n_kblocks + 4 * (3 * n_pool * d + key_copies * n_kblocks * d + 2 * words)
     return max(1, min(heads, workspace_budget() // per_head))
 
 
@@ -105,10 +107,11 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
         return KeySet(full_bits(b, h, n_qblocks, n_kblocks, q.device), n_kblocks, block_m, block_n)
     groups_per_block = block_m // pool
     bits = torch.empty(b, h, n_qblocks, -(-n_kblocks // 32), dtype=torch.int32, device=q.device)
-    chunk = _heads_per_chunk(h, seq_q, seq_k, d, pool, block_n,
+    chunk = _heads_per_chunk(h, seq_q, seq_k, d, pool, block_m, block_n,
                              score_bytes=_score_bytes(threshold is not None, query_variance, backend,
                                                       groups_per_block),
-                             key_copies=(block_n > 1) + 2 * query_variance)  # pooled keys; fp32 keys, squared
+                             # pooled keys and their dtype copy; fp32 keys and their squares (torch paths)
+                             key_copies=2 * (block_n > 1) + 2 * query_variance)
     for bi in range(b):
         for h0 in range(0, h, chunk):
             heads = slice(h0, min(h, h0 + chunk))

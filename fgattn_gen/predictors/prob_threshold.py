@@ -23,8 +23,8 @@ from .pooling import pooled_scores
 from .words import full_row_words, pack_mask
 
 # (BLOCK_G pooled rows per program, BLOCK_K key groups per step, num_warps, num_stages) by WITH_VAR: the fastest
-# of a sweep on an H200 at S=32,760, H=24, D=128 (threshold 1/Sk; 16x1 pool 16: 3.80 -> 2.98 ms without the
-# variance term; with it (64, 128, 4, 2) stayed best, 5.11 ms)
+# of a sweep on an H200 at S=32,760, H=24, D=128 (threshold 1/Sk, 16x1 pool 16, this kernel alone: 3.80 ->
+# 2.98 ms without the variance term; with it (64, 128, 4, 2) stayed best, 5.11 ms)
 _LAUNCH = {False: (128, 64, 8, 3), True: (64, 128, 4, 2)}
 
 
