@@ -239,6 +239,12 @@ COMPARISONS = (
 )
 
 
+def is_side(granularity: str, fine: bool) -> bool:
+    """Whether a curve's granularity (``"16x1"``, ``"128x128"``, ...) is on the M x 1 side (``fine``) or the
+    128 x 128 side of the comparisons (other block shapes, e.g. 128x4, are on neither)."""
+    return granularity.endswith("x1") if fine else granularity == "128x128"
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per shape, data seed and target density: every curve's interpolated error; for each of
     ``COMPARISONS`` the best M x 1 curve (block_n = 1) over the best 128 x 128 curve."""
@@ -256,8 +262,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             def best(predictors, fine, top_p_only=False):
                 cands = [(e, n) for n, e in errors.items() if not math.isnan(e)
                          and curves[n]["predictor"] in predictors
-                         and (curves[n]["granularity"].endswith("x1") if fine
-                              else curves[n]["granularity"] == "128x128")
+                         and is_side(curves[n]["granularity"], fine)
                          and not (top_p_only and "threshold" in n)]
                 return min(cands) if cands else (float("nan"), None)
 
@@ -433,7 +438,7 @@ def plotted_curves(summary: list[dict], shape: str, seed: int, predictors: tuple
         for predictor in predictors:
             for fine in (True, False):
                 cands = [(e, n) for n, e in s["errors"].items() if e == e and n.split()[0] == predictor
-                         and (n.split()[1].endswith("x1") if fine else n.split()[1] == "128x128")]
+                         and is_side(n.split()[1], fine)]
                 if cands:
                     keep.add(min(cands)[1])
     return keep
