@@ -27,7 +27,7 @@ import triton
 import triton.testing
 
 from fgattn_gen import KeySet, Variant, attention, reference_attention
-from fgattn_gen.cuda_backend import MMA_PATHS
+from fgattn_gen.backends.cuda.launch import MMA_PATHS
 from fgattn_gen.baselines import flex_block, flex_block_mask, sdpa
 from benchlib import header_lines, run_info, write_results
 from fgattn_gen.synthetic import local_block_mask

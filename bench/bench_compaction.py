@@ -13,7 +13,7 @@ import triton
 import triton.testing
 
 from fgattn_gen import KeySet, compaction
-from fgattn_gen.build import load
+from fgattn_gen.backends.triton.launch import load
 from fgattn_gen.synthetic import local_block_mask
 from fgattn_gen.variant import Variant
 

@@ -51,7 +51,7 @@ from fgattn_gen.predictors import exact_mask, pooled_top_p  # noqa: E402
 from fgattn_gen.predictors.block_stats import block_stat  # noqa: E402
 from fgattn_gen.predictors.dense import dense_attention_with_lse  # noqa: E402
 from fgattn_gen.predictors.pooling import group_mean_and_similarity, pooled_scores  # noqa: E402
-from fgattn_gen.predictors.threshold import top_p_words  # noqa: E402
+from fgattn_gen.predictors.top_p_search import top_p_words  # noqa: E402
 
 EVAL_BLOCK = 128
 TARGET_DENSITIES = (0.1, 0.2, 0.3, 0.5)

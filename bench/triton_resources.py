@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from benchlib import write_results
-from fgattn_gen import build
+from fgattn_gen.backends.triton import launch as triton_launch
 from fgattn_gen.variant import Variant
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "IDX": "*i32", "NKEYS": "*i32"}
@@ -43,7 +43,7 @@ def _ptxas() -> str:
 def report(key: str, ptxas: str) -> dict:
     """Compile variant ``key`` for sm_90a; its ptxas resource line and PTX instruction counts."""
     variant = Variant.from_key(key)
-    kernel = build.load(variant, interpret=False).kernel
+    kernel = triton_launch.load(variant, interpret=False).kernel
     pointers = POINTERS if variant.dtype == "bf16" else {n: t.replace("bf16", "fp16") for n, t in POINTERS.items()}
     signature = {p.name: pointers.get(p.name, "i32") for p in kernel.params}
     signature.update(qk_scale="fp32", WRITE_LSE="constexpr")

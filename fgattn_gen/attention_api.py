@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
-from . import build, ops
-from .checks import check_attention_inputs
+from . import ops
+from .backends import BACKENDS as KERNEL_BACKENDS
+from .checks import check_attention_inputs, check_density
+from .environment import interpreting
 from .keyset import KeySet
 from .reference import reference_attention
 from .variant import Variant, dtype_name
 
-BACKENDS = ("triton", "cuda", "reference")
+BACKENDS = (*KERNEL_BACKENDS, "reference")
+
+
+def density_bucket(density: float) -> float:
+    """``density`` rounded to the nearest half octave (1, 0.71, 0.5, 0.35, ...): what the registry needs to pick
+    a tuned density, and few enough values that ``torch.compile`` does not recompile per layer."""
+    return min(1.0, 2.0 ** (round(2 * math.log2(density)) / 2))
 
 
 def check_variant_fits(variant: Variant, q: torch.Tensor, keys: KeySet, backend: str | None) -> None:
@@ -26,25 +35,9 @@ def check_variant_fits(variant: Variant, q: torch.Tensor, keys: KeySet, backend:
                          + ", ".join(f"{n}={v}" for n, v in wrong.items()) + ")")
 
 
-PREDICTORS = ("pooled_top_p",)
-
-
-def predict_keys(q: torch.Tensor, k: torch.Tensor, predictor) -> KeySet:
-    """KeySet from ``predictor``: a callable ``(q, k) -> KeySet`` or a predictor name (default settings)."""
-    if predictor == "pooled_top_p":
-        from .predictors import pooled_top_p
-        predictor = pooled_top_p
-    elif not callable(predictor):
-        raise ValueError(f"predictor: expected a callable (q, k) -> KeySet or one of {PREDICTORS}, got {predictor!r}")
-    keys = predictor(q, k)
-    if not isinstance(keys, KeySet):
-        raise TypeError(f"predictor: returned {type(keys).__name__}, expected a fgattn_gen.KeySet")
-    return keys
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | None = None, *, predictor=None,
               scale: float | None = None, backend: str | None = None, variant: Variant | None = None,
-              return_lse: bool = False):
+              density: float | None = None, return_lse: bool = False):
     """Fine-grained sparse attention: each query block attends only to its selected keys.
 
     Args:
@@ -52,13 +45,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
             a contiguous last dim; Sq may differ from Sk; D in {64, 128}.
         keys: KeySet ``[B, H, ceil(Sq/block_m), ceil(Sk/block_n)]`` on the same device; or None with
             ``predictor``.
-        predictor: predicts ``keys`` first: ``"pooled_top_p"`` (default settings) or a callable
-            ``(q, k) -> KeySet``, e.g. ``functools.partial(predictors.pooled_top_p, top_p=0.95, pool=32)``.
+        predictor: predicts ``keys`` first: a name from ``predictors.PREDICTORS`` (default knobs), a
+            ``predictors.Predictor`` (e.g. ``cache.at(step=s, layer=i)`` of a ``CachedMask``: a refresh step
+            returns its dense output) or a callable ``(q, k) -> KeySet``, e.g.
+            ``functools.partial(predictors.pooled_top_p, top_p=0.95, pool=32)``.
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"triton"``, ``"cuda"`` (the CUDA gather-load kernel, CUDA tensors on an sm_80+ GPU),
             each the registry's best of that backend unless ``variant`` is given; ``"reference"`` (fp32 math,
             any device); or None (the registry's pick of either backend).
         variant: run this kernel variant instead of the one the registry (``fgattn_gen.registry``) picks.
+        density: the KeySet's key density if known, in (0, 1] (default: ``keys.density_hint``); the registry
+            serves the variant tuned nearest to it. Never computed here (that would synchronise).
         return_lse: also return the log-sum-exp of the scaled scores.
     Returns:
         out ``[B, H, Sq, D]`` in q's dtype, and with ``return_lse`` lse fp32 ``[B, H, Sq]``. A query block
@@ -67,8 +64,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
     if (keys is None) == (predictor is None):
         raise ValueError("keys: pass either keys (a KeySet) or predictor=, not both and not neither")
     if predictor is not None:
-        keys = predict_keys(q, k, predictor)
+        from .predictors import make_predictor  # predictors import Triton kernels: only when asked for
+        prediction = make_predictor(predictor).predict(q, k, v)
+        if prediction.out is not None and not return_lse:
+            return prediction.out
+        keys = prediction.keys
     scale = check_attention_inputs(q, k, v, keys, scale)
+    density = check_density(keys.density_hint if density is None else density)
     if backend not in (None, *BACKENDS):
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     if variant is not None and not isinstance(variant, Variant):
@@ -76,7 +78,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
     if backend == "cuda" or (backend is None and variant is not None and variant.backend == "cuda"):
         if q.device.type != "cuda":
             raise ValueError(f"backend: 'cuda' needs CUDA tensors (Triton's interpreter cannot run it); q is on {q.device}")
-    runs_kernels = q.device.type == "cuda" or build.interpreting()
+    runs_kernels = q.device.type == "cuda" or interpreting()
     if backend == "reference" or (backend is None and not runs_kernels):
         if backend is None:
             warnings.warn("fgattn: CPU tensors and no TRITON_INTERPRET=1; using the fp32 reference", stacklevel=2)
@@ -89,5 +91,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
                          f"q is on {q.device}")
     # no variant: the registry's pick (of ``backend`` when one is named)
     out, lse = ops.sparse_attention(q, k, v, keys.bits, keys.n_kblocks, keys.block_m, keys.block_n, scale,
-                                    variant.key if variant is not None else (backend or ""))
+                                    variant.key if variant is not None else (backend or ""),
+                                    -1.0 if density is None else density_bucket(density))
     return (out, lse) if return_lse else out

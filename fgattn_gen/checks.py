@@ -48,3 +48,12 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
     return float(scale)
+
+
+def check_density(density) -> float | None:
+    """``density`` (a key density hint) as a float in (0, 1], or None; ValueError naming ``density``."""
+    if density is None:
+        return None
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"density: expected a key density in (0, 1] or None, got {density!r}")
+    return float(density)

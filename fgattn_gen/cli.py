@@ -16,11 +16,14 @@ Nothing that defines Triton kernels is imported at the top of this module: ``--i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
-from .tune.options import BACKEND_CHOICES  # no torch / Triton import before --interpret sets TRITON_INTERPRET
+# no torch / Triton import before --interpret sets TRITON_INTERPRET
+from .environment import presets_dir
+from .tune.options import BACKEND_CHOICES
 
 NO_CUDA = ("no CUDA GPU found; rerun with --interpret for a CPU run of the pipeline on a scaled-down shape "
            "through Triton's interpreter")
@@ -63,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fgattn-tune",
         description="Find the fastest correct gather-load kernel variant for every attention shape of a model "
                     "and write it to OUT/<gpu-slug>/<model>.yaml.",
-        epilog="Model presets: fgattn_gen/presets/*.yaml. Storage: journal:PATH | sqlite:///PATH | "
-               "postgresql://... | mysql://... (default: a journal file under OUT/.studies/).")
+        epilog=f"Model presets: {', '.join(sorted(p.stem for p in presets_dir().glob('*.yaml')))}. "
+               "Storage: journal:PATH | sqlite:///PATH | postgresql://... | mysql://... "
+               "(default: a journal file under OUT/.studies/).")
     parser.add_argument("--model", required=True, help="a preset name (e.g. hunyuan) or the path of a model spec YAML")
     parser.add_argument("--trials", type=_positive(int), default=40,
                         help="finished trials per (shape, density), counted over reruns and workers (default 40)")
@@ -94,7 +98,7 @@ def _use_interpreter(argv: list[str]) -> None:
     """Set ``TRITON_INTERPRET=1``. Triton picks interpreter or compiler when a kernel is decorated, at import;
     if Triton was already imported (``import fgattn_gen`` imports its kernels), start this command over in
     a fresh interpreter with the variable set."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # triton_backend.interpreting(), not importable yet
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # environment.interpreting()
         return
     os.environ["TRITON_INTERPRET"] = "1"
     if "triton" in sys.modules:
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error
         return int(exc.code or 0)
+    missing = [name for name in ("optuna", "rich") if importlib.util.find_spec(name) is None]
+    if missing:
+        return _usage_error(f"tuning needs {' and '.join(missing)}: pip install 'fgattn[tune]'")
     if args.interpret and args.backend in ("cuda", "all"):
         return _usage_error(f"--backend {args.backend}: the CUDA kernel needs a GPU; the interpreter runs Triton only")
     if args.interpret:

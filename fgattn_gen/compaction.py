@@ -21,8 +21,7 @@ import triton
 import triton.language as tl
 
 from . import nvrtc
-from .build import interpreting
-from .render import templates_dir
+from .environment import interpreting, templates_dir
 from .keyset import KeySet
 
 _CHUNK_WORDS = 256  # bitmask words (x32 key blocks) per compaction program

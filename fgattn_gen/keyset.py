@@ -51,12 +51,15 @@ class KeySet:
         n_kblocks: number of key blocks, ``ceil(Sk / block_n)``.
         block_m: queries per query block.
         block_n: keys per key block (key granularity).
+        density_hint: the fraction of selected pairs when the maker knows it without a host sync (a Python
+            float in (0, 1]), else None; ``attention`` passes it to the registry lookup.
     """
 
     bits: torch.Tensor
     n_kblocks: int
     block_m: int
     block_n: int = 1
+    density_hint: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "n_kblocks"):
@@ -68,6 +71,9 @@ class KeySet:
                 f"KeySet: bits must be an int32 tensor [B, H, n_qblocks, n_words], "
                 f"got {_describe(self.bits)}"
             )
+        if self.density_hint is not None and not (isinstance(self.density_hint, float)
+                                                  and 0 < self.density_hint <= 1):
+            raise ValueError(f"KeySet: density_hint must be a float in (0, 1] or None, got {self.density_hint!r}")
         if not self.bits.is_contiguous():
             raise ValueError("KeySet: bits must be contiguous")
         if self.bits.shape[-1] != _ceil_div(self.n_kblocks, 32):
@@ -144,7 +150,7 @@ class KeySet:
         return float(self.counts().sum(dtype=torch.int64)) / (b * h * nq * nk)
 
     def to(self, device: torch.device | str) -> "KeySet":
-        return KeySet(self.bits.to(device), self.n_kblocks, self.block_m, self.block_n)
+        return KeySet(self.bits.to(device), self.n_kblocks, self.block_m, self.block_n, self.density_hint)
 
     def check_compatible(self, batch: int, heads: int, seq_q: int, seq_k: int, device: torch.device) -> None:
         """Raise ValueError naming ``keys`` if this layout does not fit q ``[B, H, Sq, D]`` / k ``[B, H, Sk, D]``."""

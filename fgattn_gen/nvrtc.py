@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .build import cache_dir
+from .environment import cache_dir
 
 
 class CudaCompileError(RuntimeError):

@@ -10,33 +10,42 @@ from __future__ import annotations
 
 import torch
 
-from . import cuda_backend, registry, triton_backend
+from . import registry
+from .backends import BACKENDS, launcher
 from .keyset import KeySet
-from .variant import BACKENDS as BACKEND_NAMES
 from .variant import Variant, default_variant
+
+
+def served_variant(device: torch.device | str, dtype: torch.dtype, head_dim: int, seq_q: int, seq_k: int,
+                   block_m: int, block_n: int, variant_key: str, density: float) -> Variant:
+    """The variant a call runs: ``variant_key`` if it names one; else the registry's pick (of the backend
+    ``variant_key`` names, if any) for a CUDA device or a GPU name, at ``density`` (-1: unknown); the default
+    variant in Triton's interpreter (no GPU to look up)."""
+    if variant_key and variant_key not in BACKENDS:
+        return Variant.from_key(variant_key)
+    if isinstance(device, str) or device.type == "cuda":
+        return registry.lookup(device=device, dtype=dtype, head_dim=head_dim, seq_q=seq_q, seq_k=seq_k,
+                               density=density if density > 0 else None, block_n=block_n, block_m=block_m,
+                               backend=variant_key or None)
+    return default_variant(dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
 
 
 @torch.library.custom_op("fgattn::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, n_kblocks: int,
-                     block_m: int, block_n: int, scale: float, variant_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     block_m: int, block_n: int, scale: float, variant_key: str,
+                     density: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated inputs (see ``fgattn_gen.attention_api.attention``) -> (out ``[B, H, Sq, D]`` in q's dtype, lse fp32 ``[B, H, Sq]``).
     ``variant_key``: a variant's key, ``""`` (the registry's pick) or a backend name (the registry's pick
-    of that backend)."""
+    of that backend). ``density``: the key density hint for the registry, or -1 when unknown."""
     keys = KeySet(bits, n_kblocks, block_m, block_n)
-    if variant_key and variant_key not in BACKEND_NAMES:
-        variant = Variant.from_key(variant_key)
-    elif q.device.type == "cuda":
-        variant = registry.lookup(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], seq_q=q.shape[2],
-                                  seq_k=k.shape[2], block_n=block_n, block_m=block_m, backend=variant_key or None)
-    else:  # Triton's interpreter: no GPU to look up
-        variant = default_variant(dtype=q.dtype, head_dim=q.shape[-1], block_m=block_m, block_n=block_n)
+    variant = served_variant(q.device, q.dtype, q.shape[-1], q.shape[2], k.shape[2], block_m, block_n, variant_key,
+                             density)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    backend = cuda_backend if variant.backend == "cuda" else triton_backend
-    backend.run(variant, q, k, v, keys, scale, out, lse)
+    launcher(variant.backend).run(variant, q, k, v, keys, scale, out, lse)
     return out, lse
 
 
 @sparse_attention.register_fake
-def _sparse_attention_fake(q, k, v, bits, n_kblocks, block_m, block_n, scale, variant_key):
+def _sparse_attention_fake(q, k, v, bits, n_kblocks, block_m, block_n, scale, variant_key, density):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)

@@ -1,20 +1,23 @@
 """Runtime registry: which tuned kernel variant serves an attention call on this GPU.
 
-Sources: the shipped ``tuned/`` YAMLs (``tuned/<gpu-slug>/<model>.yaml``, written by ``fgattn-tune``) and
+Sources: the shipped tuned YAMLs (``tuned/<gpu-slug>/<model>.yaml``, written by ``fgattn-tune``; package data
+of an installed wheel) and
 every directory in ``FGATTN_TUNED_PATH`` (``os.pathsep``-separated). A file is served only if it was
 tuned on a GPU (not the interpreter), on this GPU model, with this fgattn minor version, this Triton
-version and the current search space (template sources included); any other file is skipped with one
-warning. Shipped files of other GPUs are not considered at all.
+version and the current search space (``catalogue.space_hash``: variant keys and template files, hashed
+without rendering); any other file is skipped with one warning. Shipped files of other GPUs are not
+considered at all. Nothing here imports the tuner.
 
 Lookup order for ``lookup(device=, dtype=, head_dim=, seq_q=, seq_k=, density=, block_n=)``:
 1. an entry of exactly this shape and density;
-2. the nearest entry of this layout: sequence lengths first (log distance), then density;
+2. the nearest entry of this layout: sequence lengths first (log distance), then density (log distance;
+   an unknown density counts as 1.0, the density of dense attention);
 3. the variant most often best for this layout across entries;
 4. ``default_variant``, which exists for every layout.
 Results are cached per argument tuple (thread-safe), so a warm lookup is a dictionary hit.
 
-``registry/`` holds the rendered source of every variant the shipped tuned files name
-(``registry/<gpu-slug>/<variant-key>.py`` or ``.cu``), so a reader sees exactly the kernel that runs;
+``registry/`` (in the checkout) holds the rendered source of every variant the shipped tuned files name,
+once per variant key (``registry/<variant-key>.py`` or ``.cu``), so a reader sees exactly the kernel that runs;
 ``python -m fgattn_gen.registry`` regenerates it (``fgattn-tune`` users run it after committing new
 tuned files) and a test fails when it drifts from ``templates/``.
 """
@@ -34,14 +37,16 @@ import torch
 import triton
 
 from . import __version__
+from .backends import spec
+from .catalogue import space_hash
+from .checks import check_density
+from .environment import tuned_dir
 from .render import render
-from .tune.device import gpu_slug
-from .tuned import load_tuned
+from .tuned import gpu_slug, load_tuned
 from .variant import DTYPES, HOPPER_SMEM, Variant, default_variant, dtype_name
 
-SHIPPED = Path(__file__).resolve().parent.parent / "tuned"
-SOURCES = Path(__file__).resolve().parent.parent / "registry"
-SOURCE_SUFFIX = {"triton": ".py", "cuda": ".cu"}
+SHIPPED = tuned_dir()
+SOURCES = Path(__file__).resolve().parent.parent / "registry"  # the checkout's rendered sources
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,6 @@ def _minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-def _space_hash(backends: tuple[str, ...], dtype: str, head_dim: int, block_m: int, block_n: int) -> str:
-    from .tune.space import space_hash
-    return space_hash(backends, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
-
-
 def _mismatch(meta: dict, gpu: str, layouts: set[tuple]) -> str | None:
     """Why a file's metadata rules it out for ``gpu`` (None if it may be served)."""
     if meta["interpret"]:
@@ -80,7 +80,8 @@ def _mismatch(meta: dict, gpu: str, layouts: set[tuple]) -> str | None:
         return f"Triton {meta['triton']} compiled its kernels, this is {triton.__version__}"
     searched = meta.get("search_backends")  # files from before multi-backend tuning: the best's backend
     stale = [layout for layout in layouts
-             if _space_hash(tuple(searched or layout[:1]), *layout[1:]) != meta["search_space_hash"]]
+             if space_hash(tuple(searched or layout[:1]), dtype=layout[1], head_dim=layout[2], block_m=layout[3],
+                           block_n=layout[4]) != meta["search_space_hash"]]
     if stale:
         return "its search space (variants or template sources) differs from the current one"
     return None
@@ -147,13 +148,14 @@ class Registry:
             return default_variant(dtype=DTYPES[dtype], head_dim=head_dim, block_m=block_m, block_n=block_n,
                                    smem_limit=smem_limit, backend=backend or "triton")
         d = 1.0 if density is None else density
-        exact = [c for c in layout if (c.seq_q, c.seq_k) == (seq_q, seq_k) and (density is None or c.density == d)]
-        if exact:
-            return exact[0].variant
 
         def distance(c: TunedChoice) -> tuple[float, float]:
             seq = abs(math.log(c.seq_q / seq_q)) + abs(math.log(c.seq_k / seq_k))
-            return round(seq, 6), abs(c.density - d)
+            return round(seq, 6), round(abs(math.log(c.density / d)), 6)
+
+        exact = [c for c in layout if (c.seq_q, c.seq_k) == (seq_q, seq_k)]
+        if exact:
+            return min(exact, key=distance).variant
 
         nearest = min(layout, key=distance)
         if distance(nearest)[0] <= math.log(2.0):  # within a factor of two in sequence length
@@ -211,12 +213,19 @@ def lookup(*, device: torch.device | str, dtype: torch.dtype, head_dim: int, seq
     Args:
         device: a CUDA ``torch.device`` or a GPU name such as ``"NVIDIA H100 80GB HBM3"``.
         dtype: torch.bfloat16 or torch.float16. head_dim: 64 or 128.
-        seq_q, seq_k: sequence lengths. density: key density if known (None: any).
+        seq_q, seq_k: sequence lengths. density: key density in (0, 1] if known (None: taken as 1.0).
         block_n, block_m: the KeySet's key granularity and query block.
         backend: None (the fastest tuned kernel), or ``"triton"`` / ``"cuda"``: the best of that backend.
     Returns:
         A Variant (``.key``, ``.backend``, ``.params``); never fails for a valid layout.
     """
+    for name, value in (("seq_q", seq_q), ("seq_k", seq_k), ("head_dim", head_dim), ("block_n", block_n),
+                        ("block_m", block_m)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    density = check_density(density)
+    if not isinstance(device, str) and torch.device(device).type != "cuda":
+        raise ValueError(f"device: expected a CUDA device or a GPU name such as 'NVIDIA H200', got {device!r}")
     gpu, smem = (device, HOPPER_SMEM) if isinstance(device, str) else _device_info(torch.device(device))
     return _cached_lookup(gpu, dtype_name(dtype), head_dim, seq_q, seq_k, density, block_m, block_n, smem, backend)
 
@@ -233,17 +242,19 @@ def shipped_variants() -> dict[str, set[Variant]]:
 
 
 def expected_sources() -> dict[Path, str]:
-    """``registry/`` path -> rendered source, for every shipped variant."""
-    return {SOURCES / slug / f"{v.key}{SOURCE_SUFFIX[v.backend]}": render(v)
-            for slug, variants in shipped_variants().items() for v in variants}
+    """``registry/`` path -> rendered source, once for every variant a shipped tuned file names."""
+    variants = {v for served in shipped_variants().values() for v in served}
+    return {SOURCES / f"{v.key}{spec(v.backend).source_suffix}": render(v) for v in variants}
 
 
 def write_sources() -> list[Path]:
     """Regenerate ``registry/`` from the shipped tuned files and ``templates/``; returns the files written."""
     expected = expected_sources()
-    for stale in SOURCES.glob("*/*.*"):
+    for stale in [*SOURCES.glob("*/*.*"), *SOURCES.glob("*.*")]:
         if stale not in expected:
             stale.unlink()
+    for folder in SOURCES.glob("*/"):
+        folder.rmdir()
     for path, text in expected.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -1,28 +1,18 @@
-"""Render kernel templates (``templates/``) for a variant with Jinja2's StrictUndefined: the Triton module or
-the CUDA translation unit (plus the CUDA headers it includes, passed to NVRTC by name)."""
+"""Render a variant's kernel template (``BackendSpec.template`` under the template root) with Jinja2's
+StrictUndefined: every parameter is pinned in the source. The CUDA headers the sources include are
+handed to NVRTC by name (``cuda_headers``)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from pathlib import Path
 
 import jinja2
 
+from .backends import spec
+from .environment import templates_dir
 from .variant import Variant
-
-_TL_DTYPES = {"bf16": "tl.bfloat16", "fp16": "tl.float16"}
-_TEMPLATES = {"triton": "triton/gather_attention.py.j2", "cuda": "cuda/gather_attention.cu.j2"}
-
-
-_CHECKOUT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-
-
-def templates_dir() -> Path:
-    """The template root: ``$FGATTN_TEMPLATES`` or the checkout's ``templates/``."""
-    override = os.environ.get("FGATTN_TEMPLATES")
-    return Path(override) if override else _CHECKOUT_TEMPLATES
 
 
 @functools.cache
@@ -34,14 +24,11 @@ def _environment(root: Path) -> jinja2.Environment:
 
 
 def render(variant: Variant, *, interpret: bool = False) -> str:
-    """Source text of ``variant``: Triton Python, or CUDA C++ (its headers: ``cuda_headers``).
-    ``interpret`` renders the Triton-interpreter form (fp32 dots)."""
-    template = _environment(templates_dir()).get_template(_TEMPLATES[variant.backend])
-    if variant.backend == "cuda":
-        return template.render(**variant.params, key=variant.key, smem_bytes=variant.smem_bytes())
-    return template.render(
-        **variant.params, key=variant.key, tl_dtype=_TL_DTYPES[variant.dtype], dot_fp32=interpret,
-    )
+    """Source text of ``variant`` (Triton Python or CUDA C++). ``interpret`` renders the Triton-interpreter
+    form (fp32 dots)."""
+    backend = spec(variant.backend)
+    template = _environment(templates_dir()).get_template(backend.template)
+    return template.render(**variant.params, key=variant.key, **backend.render_context(variant, interpret=interpret))
 
 
 def cuda_headers() -> tuple[tuple[str, str], ...]:
@@ -51,4 +38,5 @@ def cuda_headers() -> tuple[tuple[str, str], ...]:
 
 
 def source_hash(source: str) -> str:
+    """First 16 hex digits of the sha256 of ``source``."""
     return hashlib.sha256(source.encode()).hexdigest()[:16]

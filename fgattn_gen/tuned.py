@@ -1,4 +1,5 @@
-"""The tuned-variant file: ``tuned/<gpu-slug>/<model>.yaml``, written by ``fgattn-tune``, served by the registry.
+"""The tuned-variant file: ``tuned/<gpu-slug>/<model>.yaml`` (``gpu_slug``), written by ``fgattn-tune``, served by
+the registry.
 
 Schema (version 1)::
 
@@ -9,7 +10,7 @@ Schema (version 1)::
       cuda: str | null                   # torch.version.cuda
       gpu: str                           # torch.cuda.get_device_name(), or "triton-interpreter"
       sm: str | null                     # compute capability "9.0"; null under the interpreter
-      search_space_hash: str             # fgattn_gen.tune.space.space_hash of the layout
+      search_space_hash: str             # fgattn_gen.catalogue.space_hash of the layout
       search_backends: [str]             # optional: the backends searched together (default: best's)
       date: str                          # ISO 8601, UTC
       interpret: bool                    # true: CPU interpreter run, times rank nothing on a GPU
@@ -33,6 +34,7 @@ Schema (version 1)::
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -41,6 +43,11 @@ import yaml
 from .variant import BACKENDS, Variant
 
 SCHEMA_VERSION = 1
+
+
+def gpu_slug(name: str) -> str:
+    """The folder of a GPU's tuned files: ``"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 _STR, _INT, _NUM, _BOOL = "str", "int", "number", "bool"
 _OPT_STR = "str or null"

@@ -15,7 +15,7 @@ from conftest import HAS_CUDA
 from fgattn_gen.predictors import block_stats, exact_mask
 from fgattn_gen.predictors.block_stats import block_stat, cuda_stat_smem_bytes
 from fgattn_gen.predictors.dense import dense_attention_with_lse
-from fgattn_gen.render import templates_dir
+from fgattn_gen.environment import templates_dir
 from nvcc_tools import find_nvcc, parse_ptxas
 
 SOURCE = templates_dir() / "cuda" / "block_stat_fp8.cu"

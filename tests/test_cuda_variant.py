@@ -20,9 +20,10 @@ import torch
 
 from conftest import LSE_TOL, TOL, ceil_div, make_block_mask, make_qkv
 from nvcc_tools import find_nvcc, parse_ptxas
-from fgattn_gen import KeySet, Variant, attention, compaction, cuda_backend, reference_attention
+from fgattn_gen import KeySet, Variant, attention, compaction, reference_attention
+from fgattn_gen.backends.cuda import launch as cuda_backend
 from fgattn_gen import render
-from fgattn_gen.render import templates_dir
+from fgattn_gen.environment import templates_dir
 from fgattn_gen.tune.space import build_space
 from fgattn_gen.variant import default_variant
 
@@ -213,7 +214,7 @@ def test_cuda_variant_rules():
         with pytest.raises(ValueError, match=why):
             Variant.from_key(key)
     assert default_variant(dtype=BF16, head_dim=128, block_m=64, block_n=1, backend="cuda").tile_m == 64
-    with pytest.raises(ValueError, match=r"^keys: the CUDA backend needs block_m to be a multiple of 64"):
+    with pytest.raises(ValueError, match=r"^keys: block_m must be a multiple of 64 for the cuda backend"):
         default_variant(dtype=BF16, head_dim=128, block_m=32, block_n=1, backend="cuda")
 
 

@@ -23,7 +23,7 @@ pytest.importorskip("diffusers")
 from diffusers import DiffusionPipeline, HunyuanVideoTransformer3DModel, WanTransformer3DModel  # noqa: E402
 
 from fgattn_gen.integrations import install  # noqa: E402
-from fgattn_gen.integrations.diffusers_processors import SparseSelfAttention  # noqa: E402
+from fgattn_gen.integrations.sparse_attention import SparseSelfAttention  # noqa: E402
 
 DEVICES = [pytest.param(("cpu", torch.float16), id="cpu-fp16"),
            pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=pytest.mark.gpu)]
@@ -171,7 +171,8 @@ def test_predictors_run(name, predictor, knobs, device_dtype):
     for out in outs:
         assert out.shape == dense.shape and out.isfinite().all()
     if predictor == "fixed_density":  # one KeySet (30 % of the key blocks plus the text) for every layer
-        (keys,) = sparse._set_keys.values()
+        (predictor_of_shape,) = sparse._predictors.values()
+        (keys,) = predictor_of_shape._built.values()
         assert 0.3 <= keys.density() < 0.5
     if predictor == "cached_exact":
         assert (sparse.step, sparse.branch) == (1, 0)

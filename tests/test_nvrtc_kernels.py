@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 from fgattn_gen.compaction import _CUDA_WARPS
-from fgattn_gen.predictors.threshold import CUDA_RESIDENT_KEYS, _cuda_launch_shape
-from fgattn_gen.render import templates_dir
+from fgattn_gen.predictors.top_p_search import CUDA_RESIDENT_KEYS, _cuda_launch_shape
+from fgattn_gen.environment import templates_dir
 from nvcc_tools import find_nvcc, parse_ptxas
 
 TOP_P_ROWS = sorted({_cuda_launch_shape(n) for n in (1, 200, 5000, 17550, 32760, CUDA_RESIDENT_KEYS)})

@@ -9,7 +9,7 @@ import torch
 
 from conftest import HAS_CUDA, TOL, ceil_div, make_qkv
 from fgattn_gen import KeySet, attention, reference_attention
-from fgattn_gen.predictors import CachedMask, exact_mask, pooled_top_p, prob_threshold, threshold, words
+from fgattn_gen.predictors import CachedMask, exact_mask, pooled_top_p, top_p_search, threshold_rule, words
 from fgattn_gen.predictors.block_stats import block_stat
 from fgattn_gen.predictors.dense import dense_attention_with_lse
 
@@ -115,10 +115,10 @@ def test_words_match_keyset(gen, n_kblocks):
 
 
 # ---------------------------------------------------------------------------------------- threshold search
-@pytest.mark.parametrize("resident_keys", [threshold.RESIDENT_KEYS, 64], ids=["resident", "streamed"])
+@pytest.mark.parametrize("resident_keys", [top_p_search.RESIDENT_KEYS, 64], ids=["resident", "streamed"])
 @pytest.mark.parametrize("n_keys", [1, 37, 200])
 def test_top_p_words_match_sort(gen, monkeypatch, resident_keys, n_keys):
-    monkeypatch.setattr(threshold, "RESIDENT_KEYS", resident_keys)
+    monkeypatch.setattr(top_p_search, "RESIDENT_KEYS", resident_keys)
     scores = randn(gen, 2, 5, n_keys) * 3
     for top_p in (0.05, 0.9, 0.999):
         keep = torch.stack([torch.stack([_top_p_keep(torch.softmax(r, -1), top_p) for r in m])
@@ -128,7 +128,7 @@ def test_top_p_words_match_sort(gen, monkeypatch, resident_keys, n_keys):
         keep_all[0, 1] = True
         keep[0, 1] = True
         for backend in BACKENDS:
-            got = threshold.top_p_words(scores, top_p, rows_per_block=2, n_blocks=3, iters=EXACT_ITERS,
+            got = top_p_search.top_p_words(scores, top_p, rows_per_block=2, n_blocks=3, iters=EXACT_ITERS,
                                         backend=backend, keep_all=keep_all)
             assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)
 
@@ -154,7 +154,7 @@ def test_pooled_threshold_words_match_slow(gen, n_keys, rows_per_block):
             keep = keep.view(2, n_blocks, rows_per_block, n_keys).any(2)
             keep[0, 1] = True
             for backend in BACKENDS:
-                got = prob_threshold.pooled_threshold_words(
+                got = threshold_rule.pooled_threshold_words(
                     q_mean, k_mean, 1 / 8, min(1.0, t / n_keys), rows_per_block=rows_per_block, n_blocks=n_blocks,
                     backend=backend, dtype=torch.float32, q_var=var, keep_all=keep_all)
                 assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)
@@ -164,7 +164,7 @@ def test_pooled_threshold_words_match_slow(gen, n_keys, rows_per_block):
 def test_top_p_keeps_at_least_the_mass(gen):
     """Few bisection steps: the kept mass still reaches top_p (the threshold is approached from below)."""
     scores = randn(gen, 1, 8, 300)
-    words = threshold.top_p_words(scores, 0.9, rows_per_block=1, n_blocks=8, iters=4, backend="triton")
+    words = top_p_search.top_p_words(scores, 0.9, rows_per_block=1, n_blocks=8, iters=4, backend="triton")
     keep = KeySet(words[None], 300, 1).to_mask()[0, 0]
     assert ((torch.softmax(scores[0], -1) * keep).sum(-1) >= 0.9 - 1e-5).all()
 
@@ -378,7 +378,7 @@ def test_cached_mask_schedule(gen):
     for step in range(5):
         refresh = cache.needs_refresh(step, layer=7)
         assert refresh == (step in (0, 3))
-        out = cache(q, k, v, step=step, layer=7)
+        out = attention(q, k, v, predictor=cache.at(step=step, layer=7))
         keys = cache.keys(7)
         if refresh:
             torch.testing.assert_close(out.float(), dense, atol=atol, rtol=rtol)
@@ -393,14 +393,14 @@ def test_cached_mask_layers_and_branches(gen):
     q, k, v = make_qkv(gen, 1, 1, 32, 48, 64, torch.bfloat16, DEVICE)
     q, q2 = q * 3, q.flip(2) * 3
     separate = CachedMask(refresh_steps=[0], block_m=16, threshold=0.05)
-    separate(q, k, v, step=0, layer=0, branch=0)
+    attention(q, k, v, predictor=separate.at(step=0, layer=0, branch=0))
     assert separate.needs_refresh(0, layer=0, branch=1) and separate.needs_refresh(0, layer=1)
-    separate(q2, k, v, step=0, layer=0, branch=1)
+    attention(q2, k, v, predictor=separate.at(step=0, layer=0, branch=1))
     assert not torch.equal(separate.keys(0, 0).bits, separate.keys(0, 1).bits)
     shared = CachedMask(refresh_steps=[0], block_m=16, threshold=0.05, share_branches=True)
-    shared(q, k, v, step=0, layer=0, branch=0)
+    attention(q, k, v, predictor=shared.at(step=0, layer=0, branch=0))
     assert not shared.needs_refresh(0, layer=0, branch=1)
-    shared(q2, k, v, step=0, layer=0, branch=1)
+    attention(q2, k, v, predictor=shared.at(step=0, layer=0, branch=1))
     assert torch.equal(shared.keys(0, 1).bits, separate.keys(0, 0).bits)
     assert shared.nbytes == shared.keys(0).nbytes and separate.nbytes == 2 * shared.nbytes
     shared.clear()
@@ -410,12 +410,12 @@ def test_cached_mask_layers_and_branches(gen):
 def test_cached_mask_offload_restore(gen):
     q, k, v = make_qkv(gen, 1, 2, 32, 32, 64, torch.bfloat16, DEVICE)
     cache = CachedMask(refresh_steps=[0], block_m=16, offload=True)
-    cache(q, k, v, step=0, layer=0)
+    attention(q, k, v, predictor=cache.at(step=0, layer=0))
     assert cache.keys(0).device.type == "cpu"
     cache.restore(q.device)
     assert cache.keys(0).device == q.device
     cache.offload()
-    out = cache(q, k, v, step=1, layer=0)
+    out = attention(q, k, v, predictor=cache.at(step=1, layer=0))
     assert cache.keys(0).device.type == "cpu"
     torch.testing.assert_close(out, attention(q, k, v, cache.keys(0).to(q.device)))
 
@@ -527,7 +527,7 @@ def test_gpu_top_p_words_match_sort(n_keys):
         keep = torch.nn.functional.pad(keep, (0, 0, 0, 3)).view(2, 4, 2, n_keys).any(2)
         keep_all = torch.zeros(2, 4, dtype=torch.bool, device="cuda")
         keep_all[1, 0] = True
-        got = threshold.top_p_words(scores, top_p, rows_per_block=2, n_blocks=4, iters=EXACT_ITERS,
+        got = top_p_search.top_p_words(scores, top_p, rows_per_block=2, n_blocks=4, iters=EXACT_ITERS,
                                     backend="triton", keep_all=keep_all)
         keep[1, 0] = True
         assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)

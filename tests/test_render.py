@@ -9,7 +9,8 @@ import jinja2
 import pytest
 import torch
 
-from fgattn_gen import Variant, build, default_variant, render
+from fgattn_gen import Variant, default_variant, environment, render
+from fgattn_gen.backends.triton import launch as triton_launch
 from fgattn_gen.variant import BACKENDS, DTYPES, HEAD_DIMS
 
 TEMPLATE = "triton/gather_attention.py.j2"
@@ -116,7 +117,7 @@ def test_default_variant_rejects():
 
 # ---------------------------------------------------------------------------------------- rendering
 def test_environment_is_strict():
-    env = render._environment(render.templates_dir())
+    env = render._environment(environment.templates_dir())
     assert env.undefined is jinja2.StrictUndefined
     with pytest.raises(jinja2.UndefinedError):
         env.from_string("x = {{ missing }}").render()
@@ -129,7 +130,7 @@ def test_template_missing_variable_raises(missing, block_n):
     """Every variable the template uses is required: leaving any one out raises instead of rendering ''."""
     variant = make_variant(block_n=block_n, dtype="fp16")
     context = template_context(variant)
-    template = render._environment(render.templates_dir()).get_template(TEMPLATE)
+    template = render._environment(environment.templates_dir()).get_template(TEMPLATE)
     template.render(**context)  # complete context renders
     del context[missing]  # (tl_dtype is only used by the non-interpreter form: dot_fp32 is False here)
     with pytest.raises(jinja2.UndefinedError, match=missing):
@@ -154,7 +155,7 @@ def test_render_uses_templates_env(tmp_path, monkeypatch):
     (tmp_path / "triton").mkdir()
     (tmp_path / "triton" / "gather_attention.py.j2").write_text("KEY = '{{ key }}'\n{{ not_provided }}\n")
     monkeypatch.setenv("FGATTN_TEMPLATES", str(tmp_path))
-    assert render.templates_dir() == tmp_path
+    assert environment.templates_dir() == tmp_path
     with pytest.raises(jinja2.UndefinedError, match="not_provided"):
         render.render(make_variant())
 
@@ -195,16 +196,16 @@ def fresh_build_cache(tmp_path, monkeypatch):
     """An empty FGATTN_CACHE_DIR and an empty in-process load() cache (cleared again afterwards, so no
     later test gets a module from this test's temporary directory)."""
     monkeypatch.setenv("FGATTN_CACHE_DIR", str(tmp_path))
-    build.load.cache_clear()
+    triton_launch.load.cache_clear()
     yield tmp_path
-    build.load.cache_clear()
+    triton_launch.load.cache_clear()
 
 
 def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("FGATTN_CACHE_DIR", str(tmp_path / "x"))
-    assert build.cache_dir() == tmp_path / "x"
+    assert environment.cache_dir() == tmp_path / "x"
     monkeypatch.delenv("FGATTN_CACHE_DIR")
-    assert build.cache_dir().parts[-3:] == (".cache", "fgattn", "0.1.0")
+    assert environment.cache_dir().parts[-3:] == (".cache", "fgattn", "0.1.0")
 
 
 @pytest.mark.parametrize("interpret", [False, True])
@@ -212,24 +213,24 @@ def test_source_cached_by_content_hash(fresh_build_cache, interpret):
     v = make_variant(dtype="fp16", head_dim=64, block_m=32, block_n=3, tile_m=16, tile_n=32, num_warps=4,
                      num_stages=2)
     src = render.render(v, interpret=interpret)
-    path = build.source_path(v, interpret=interpret)
+    path = triton_launch.source_path(v, interpret=interpret)
     assert path == fresh_build_cache / "triton" / f"{v.key}-{render.source_hash(src)}.py"
     assert path.read_text() == src
     assert len(render.source_hash(src)) == 16
     mtime = path.stat().st_mtime_ns
-    assert build.source_path(v, interpret=interpret) == path
+    assert triton_launch.source_path(v, interpret=interpret) == path
     assert path.stat().st_mtime_ns == mtime  # not rewritten
-    other = build.source_path(v, interpret=not interpret)  # different source, different file
+    other = triton_launch.source_path(v, interpret=not interpret)  # different source, different file
     assert other != path and other.name.startswith(v.key + "-")
     assert sorted(p.name for p in (fresh_build_cache / "triton").iterdir()) == sorted([path.name, other.name])
 
 
 def test_source_path_does_not_rewrite_existing(fresh_build_cache, monkeypatch):
     v = make_variant()
-    build.source_path(v)
+    triton_launch.source_path(v)
     writes = []
-    monkeypatch.setattr(build, "_write_atomic", lambda p, t: writes.append(p))
-    build.source_path(v)
+    monkeypatch.setattr(triton_launch, "write_atomic", lambda p, t: writes.append(p))
+    triton_launch.source_path(v)
     assert writes == []
 
 
@@ -237,15 +238,15 @@ def test_load_renders_once_and_returns_same_module(fresh_build_cache, monkeypatc
     v = make_variant(dtype="bf16", head_dim=64, block_m=64, block_n=16, tile_m=32, tile_n=64, num_warps=4,
                      num_stages=3)
     calls = []
-    real_render = build.render
+    real_render = triton_launch.render
 
     def counting_render(variant, **kwargs):
         calls.append((variant.key, kwargs))
         return real_render(variant, **kwargs)
 
-    monkeypatch.setattr(build, "render", counting_render)
-    m1 = build.load(v, interpret=True)
-    m2 = build.load(v, interpret=True)
+    monkeypatch.setattr(triton_launch, "render", counting_render)
+    m1 = triton_launch.load(v, interpret=True)
+    m2 = triton_launch.load(v, interpret=True)
     assert m1 is m2
     assert calls == [(v.key, {"interpret": True})]
     assert (m1.KEY, m1.HEAD_DIM, m1.QUERY_BLOCK, m1.KEY_GRAN, m1.TILE_M, m1.TILE_N, m1.NUM_WARPS, m1.NUM_STAGES) == \
@@ -253,16 +254,16 @@ def test_load_renders_once_and_returns_same_module(fresh_build_cache, monkeypatc
     assert callable(m1.kernel)
     assert len(list((fresh_build_cache / "triton").glob("*.py"))) == 1
     assert not list((fresh_build_cache / "triton").glob("*.tmp"))
-    assert build.load(dataclasses.replace(v), interpret=True) is m1  # an equal variant hits the cache too
+    assert triton_launch.load(dataclasses.replace(v), interpret=True) is m1  # an equal variant hits the cache too
     assert len(calls) == 1
 
 
 def test_reused_cache_file_is_not_rerendered_to_disk(fresh_build_cache):
     """A second process (emulated by clearing load()'s cache) imports the existing file."""
     v = make_variant(dtype="fp16")
-    m1 = build.load(v)
+    m1 = triton_launch.load(v)
     files = list((fresh_build_cache / "triton").iterdir())
-    build.load.cache_clear()
-    m2 = build.load(v)
+    triton_launch.load.cache_clear()
+    m2 = triton_launch.load(v)
     assert m2 is not m1 and m2.KEY == m1.KEY
     assert list((fresh_build_cache / "triton").iterdir()) == files

@@ -21,7 +21,8 @@ from conftest import HAS_CUDA
 from fgattn_gen import cli, default_variant
 from fgattn_gen.models import ModelSpecError, load_model, preset_names
 from fgattn_gen.tune import objective
-from fgattn_gen.tune.space import build_space, space_hash
+from fgattn_gen.catalogue import space_hash
+from fgattn_gen.tune.space import build_space
 from fgattn_gen.tune.storage import StorageError, parse_storage
 from fgattn_gen.tuned import load_tuned, validate_tuned, write_tuned
 

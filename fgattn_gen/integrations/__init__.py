@@ -9,18 +9,19 @@ predictor=..., **knobs)`` routes the video self-attention of HunyuanVideo and Wa
     video = pipe(prompt).frames
     handle.remove()
 
-Modules: ``diffusers_processors`` (install, the handle, predictor routing and step tracking),
-``hunyuan_video`` and ``wan`` (the per-model processors). The names are imported on first use (PEP 562):
+Modules: ``installer`` (install, the handle, step tracking from the timestep), ``sparse_attention`` (the
+predictor of each layer through ``predictors.make_predictor``, text and padded keys, the SDPA fallback, the
+processors' base), ``hunyuan_video`` and ``wan`` (the per-model processors). The names are imported on first use (PEP 562):
 importing this package imports neither diffusers nor Triton.
 """
 
 import importlib
 
 _EXPORTS = {
-    "install": ".diffusers_processors",
-    "FgattnHandle": ".diffusers_processors",
-    "SparseSelfAttention": ".diffusers_processors",
-    "PREDICTORS": ".diffusers_processors",
+    "install": ".installer",
+    "FgattnHandle": ".installer",
+    "SparseSelfAttention": ".sparse_attention",
+    "PREDICTORS": ".sparse_attention",
 }
 __all__ = list(_EXPORTS)
 

@@ -16,7 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVideoAttnProcessor2_0,
                                                                      HunyuanVideoTransformer3DModel)
 
-from .diffusers_processors import FgattnProcessor
+from .sparse_attention import FgattnProcessor
 
 MODEL = HunyuanVideoTransformer3DModel
 

@@ -13,7 +13,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import (WanAttention, WanAttnProcessor, WanTransformer3DModel,
                                                            _get_qkv_projections)
 
-from .diffusers_processors import FgattnProcessor
+from .sparse_attention import FgattnProcessor
 
 MODEL = WanTransformer3DModel
 

@@ -1,21 +1,30 @@
-"""Training-free predictors of the keys each query block needs (they return a ``KeySet``).
+"""Training-free predictors of the keys each query block needs.
+
+Every predictor is a ``Predictor`` (``base``): ``predict(q, k, v) -> Prediction`` (a ``KeySet``, and the
+output when the predictor computed it); ``names.make_predictor`` resolves the names ``attention(...,
+predictor="name")`` and the diffusers integration take (``PREDICTORS``).
 
 - ``pooled_top_p(q, k, ...)``: mean query of each pooled group, top-p (or a threshold) over softmax(q̄ . k̄)
   (cheap, every step).
 - ``exact_mask(q, k, v, ...)``: one dense pass returns the output and the exact mask of its probabilities.
 - ``CachedMask``: exact masks at a few refresh steps, reused per layer and CFG branch in between.
+- ``SetKeys``: every key, or a synthetic local mask of a density (benchmarks).
 
-Modules: ``pooled_top_p``, ``exact_mask``, ``cached_mask`` (the predictors); ``threshold`` (top-p search by
-bisection), ``prob_threshold`` (fixed probability threshold), ``block_stats`` (exact per-block statistics of the probabilities), ``dense`` (dense pass with
-LSE), ``pooling`` (group means, self-similarity, variance), ``always_keep`` (text ranges, local window), ``words``
-(KeySet words built on the device), ``checks`` (argument errors naming the argument).
+Kernels and helpers: ``top_p_search`` (top-p threshold by bisection), ``threshold_rule`` (fixed probability
+threshold, fused Triton kernel), ``block_stats`` (exact per-block statistics of the probabilities), ``dense``
+(dense pass with LSE), ``pooling`` (group means, self-similarity, variance), ``always_keep`` (text ranges,
+local window), ``words`` (KeySet words built on the device), ``checks`` (argument errors naming the argument).
 
 All of them run on the inputs' device without host synchronisation; the Triton kernels also run on the CPU
 under ``TRITON_INTERPRET=1``, and without it the same functions fall back to torch ops.
 """
 
+from .base import PerCall, Prediction, Predictor
 from .cached_mask import CachedMask
 from .exact_mask import exact_mask
+from .names import PREDICTORS, knob_names, make_predictor
 from .pooled_top_p import pooled_top_p
+from .set_keys import SetKeys
 
-__all__ = ["CachedMask", "exact_mask", "pooled_top_p"]
+__all__ = ["CachedMask", "PREDICTORS", "PerCall", "Prediction", "Predictor", "SetKeys", "exact_mask",
+           "knob_names", "make_predictor", "pooled_top_p"]

@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from .. import nvrtc
-from ..build import interpreting
-from ..render import cuda_headers, templates_dir
+from ..environment import interpreting, templates_dir
+from ..render import cuda_headers
 from .words import pack_mask
 
 PRECISIONS = ("exact", "fp8")

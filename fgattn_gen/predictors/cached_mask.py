@@ -1,19 +1,20 @@
 """``CachedMask``: exact masks computed at a few denoising steps and reused by the steps in between.
 
-At a refresh step a layer runs ``exact_mask`` (dense output + new KeySet); at the other steps it runs sparse
-``attention`` with the KeySet cached for that layer (and CFG branch, unless branches share one). Cached
-KeySets can be kept on the CPU (pinned, copied back asynchronously when a layer needs its mask).
+At a refresh step a layer runs ``exact_mask`` (dense output + new KeySet); at the other steps the KeySet cached
+for that layer (and CFG branch, unless branches share one) is reused. Cached KeySets can be kept on the CPU
+(pinned, copied back asynchronously when a layer needs its mask). A ``Predictor``: use
+``attention(q, k, v, predictor=cache.at(step=s, layer=i, branch=j))``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
 
-from .. import attention
 from ..keyset import KeySet
+from .base import Prediction, Predictor
 from .checks import _is_int
 from .exact_mask import exact_mask
 
@@ -25,16 +26,41 @@ def _copy_to(keys: KeySet, device: torch.device) -> KeySet:
     pin = device.type == "cpu" and torch.cuda.is_available()
     bits = torch.empty(keys.bits.shape, dtype=keys.bits.dtype, device=device, pin_memory=pin)
     bits.copy_(keys.bits, non_blocking=True)
-    return KeySet(bits, keys.n_kblocks, keys.block_m, keys.block_n)
+    return KeySet(bits, keys.n_kblocks, keys.block_m, keys.block_n, keys.density_hint)
+
+
+class _Density:
+    """A KeySet's density, computed on its device and copied to pinned host memory without waiting: read
+    only once the copy has finished (``value``), so no call ever synchronises for it."""
+
+    def __init__(self, keys: KeySet):
+        b, h, nq, nk = keys.shape
+        fraction = keys.counts().sum(dtype=torch.float64) / (b * h * nq * nk)
+        self._ready = None
+        if keys.device.type == "cuda":
+            host = torch.empty((), dtype=torch.float64, pin_memory=True)
+            host.copy_(fraction, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+            fraction = host
+        self._host = fraction
+
+    def value(self) -> float | None:
+        """The density once known (None before the copy finished, or for an empty KeySet)."""
+        if self._ready is not None and not self._ready.query():
+            return None
+        density = float(self._host)
+        return density if density > 0 else None
 
 
 @dataclass
 class _Entry:
     keys: KeySet
     step: int  # the step whose dense pass produced the mask
+    density: _Density
 
 
-class CachedMask:
+class CachedMask(Predictor):
     """Per-layer (and per-CFG-branch) exact masks with a refresh schedule.
 
     Args:
@@ -46,7 +72,7 @@ class CachedMask:
         block_m, block_n, threshold, top_p, keep_keys, local_window, scale, score_precision: as in
             ``exact_mask``; ``scale`` is also the sparse steps' softmax scale.
 
-    Use ``out = cache(q, k, v, step=s, layer=i, branch=j)`` in place of the attention call.
+    Use ``attention(q, k, v, predictor=cache.at(step=s, layer=i, branch=j))`` in place of the attention call.
     """
 
     def __init__(self, refresh_steps: Iterable[int], *, share_branches: bool = False, offload: bool = False,
@@ -78,15 +104,25 @@ class CachedMask:
         entry = self._entries.get(self._slot(layer, branch))
         return entry is None or (step in self.refresh_steps and entry.step != step)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, step: int, layer: int,
-                 branch: int = 0) -> torch.Tensor:
-        """Attention output ``[B, H, Sq, D]`` (dense at a refresh, sparse with the cached mask otherwise)."""
+    def at(self, *, step: int = 0, layer: int = 0, branch: int = 0) -> Predictor:
+        """This cache at one denoising step, layer and CFG branch (``needs_refresh`` says what it will do)."""
+        return _CacheSlot(self, step, layer, branch)
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Prediction:
+        """``at()`` (step 0, layer 0, branch 0)."""
+        return self.at().predict(q, k, v)
+
+    def lookup(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, step: int, layer: int,
+               branch: int = 0) -> Prediction:
+        """The cached KeySet of the slot on q's device; at a refresh, the new one and the dense output."""
         slot = self._slot(layer, branch)
         if self.needs_refresh(step, layer, branch):
             out, keys = exact_mask(q, k, v, **self.mask_options)
-            self._entries[slot] = _Entry(_copy_to(keys, torch.device("cpu")) if self.offload_masks else keys, step)
-            return out
-        return attention(q, k, v, _copy_to(self._entries[slot].keys, q.device), scale=self.scale)
+            stored = _copy_to(keys, torch.device("cpu")) if self.offload_masks else keys
+            self._entries[slot] = _Entry(stored, step, _Density(keys))
+            return Prediction(keys, out)
+        entry = self._entries[slot]
+        return Prediction(replace(_copy_to(entry.keys, q.device), density_hint=entry.density.value()))
 
     def keys(self, layer: int, branch: int = 0) -> KeySet | None:
         """The cached KeySet of a layer (and branch), wherever it lives, or None."""
@@ -120,3 +156,13 @@ class CachedMask:
     def clear(self) -> None:
         """Forget every cached mask (the next call of each layer refreshes)."""
         self._entries.clear()
+
+
+class _CacheSlot(Predictor):
+    """A ``CachedMask`` bound to one step, layer and branch."""
+
+    def __init__(self, cache: CachedMask, step: int, layer: int, branch: int):
+        self.cache, self.step, self.layer, self.branch = cache, step, layer, branch
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Prediction:
+        return self.cache.lookup(q, k, v, step=self.step, layer=self.layer, branch=self.branch)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..build import interpreting
+from ..environment import interpreting
 from ..variant import HEAD_DIMS
 
 PREDICTOR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

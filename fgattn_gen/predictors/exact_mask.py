@@ -26,7 +26,7 @@ from . import checks
 from .always_keep import always_keep_words
 from .block_stats import PRECISIONS, block_stat
 from .dense import dense_attention_with_lse
-from .threshold import keeps_every_key, top_p_words
+from .top_p_search import keeps_every_key, top_p_words
 from .words import full_bits, pack_mask
 
 SCORE_PRECISIONS = ("auto", *PRECISIONS)

@@ -3,8 +3,8 @@
 For every pooled query group (``pool`` consecutive queries, a divisor of the kernel's ``block_m``) the mean
 query q̄ scores every key group (``block_n`` consecutive keys, pooled to their mean key k̄; a single key when
 ``block_n == 1``) with ``softmax(scale * q̄ . k̄)``, and keeps the smallest set of key groups whose mass
-reaches ``top_p`` (``threshold.top_p_words``), or with ``threshold`` the key groups whose pooled probability
-exceeds it (``prob_threshold.pooled_threshold_words``; one absolute cut for every group: groups with peaked scores
+reaches ``top_p`` (``top_p_search.top_p_words``), or with ``threshold`` the key groups whose pooled probability
+exceeds it (``threshold_rule.pooled_threshold_words``; one absolute cut for every group: groups with peaked scores
 keep few keys, flat ones many, as in the exact mask's threshold rule). A kernel query block keeps the union
 of its groups' keys.
 With ``query_variance`` the pooled logit gets the second-order term of the group's spread,
@@ -27,8 +27,8 @@ from ..keyset import KeySet
 from . import checks
 from .always_keep import always_keep_words
 from .pooling import group_mean, group_mean_and_similarity, group_mean_similarity_variance, pooled_scores
-from .prob_threshold import pooled_threshold_words, runs_fused
-from .threshold import keeps_every_key, top_p_words
+from .threshold_rule import pooled_threshold_words, runs_fused
+from .top_p_search import keeps_every_key, top_p_words
 from .words import full_bits
 
 

@@ -3,7 +3,8 @@
 Pipeline, one module each:
 
 - ``device``: the GPU (or Triton's CPU interpreter) being tuned for, and its limits.
-- ``space``: the valid candidate variants of one or more backends, filtered before sampling, with a stable hash.
+- ``space``: the catalogue's variants (``fgattn_gen.catalogue``) of one or more backends, filtered by the device
+  before sampling.
 - ``workload``: the inputs of one (shape, density): the shape actually timed, q/k/v sets, KeySet, reference.
 - ``objective``: one Optuna trial = one candidate: correctness gate, then timing; failures are pruned.
 - ``cpu_timing``: wall-clock timing for interpreter runs (``fgattn_gen.timing`` needs a GPU).
@@ -15,5 +16,7 @@ Pipeline, one module each:
 - ``report``: rich progress bar and summary tables; ``plot``: search-history PNGs.
 - ``options``: the run's settings as parsed by ``fgattn_gen.cli``; ``runner``: the whole run for one model.
 
-Nothing here is imported by ``fgattn_gen`` itself: the CLI sets ``TRITON_INTERPRET`` before importing it.
+Serving (``attention``, the registry, tuned-file loading) imports nothing from here, and nothing here is needed
+to serve: optuna, rich and matplotlib are the ``fgattn[tune]`` extra. The CLI sets ``TRITON_INTERPRET`` before
+importing this package.
 """

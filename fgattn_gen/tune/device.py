@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass
 
 import torch
 
+from ..backends import SPECS
+from ..tuned import gpu_slug
 from .options import BACKEND_CHOICES
 
 INTERPRETER_SLUG = "interpret"
@@ -40,11 +41,6 @@ class Device:
         return self.torch_device.type == "cpu"
 
 
-def gpu_slug(name: str) -> str:
-    """``"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"``."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def detect_device(interpret: bool) -> Device:
     """The interpreter, or the current CUDA device (raises RuntimeError when there is none)."""
     if interpret:
@@ -61,14 +57,15 @@ def detect_device(interpret: bool) -> Device:
 
 
 def search_backends(choice: str, device: Device) -> tuple[str, ...]:
-    """The kernel backends one tuning run searches (``--backend``): ``auto`` is Triton, plus the CUDA
-    kernel on an sm_80+ GPU where cuda-python's NVRTC imports; ``all`` is both."""
+    """The kernel backends one tuning run searches (``--backend``): one backend by name; ``all`` is every
+    backend; ``auto`` every backend that runs on this device (``BackendSpec.supports``), the CUDA kernel
+    only where cuda-python's NVRTC imports."""
     if choice not in BACKEND_CHOICES:
         raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {choice!r}")
-    if choice in ("triton", "cuda"):
+    if choice in SPECS:
         return (choice,)
     if choice == "all":
-        return ("triton", "cuda")
-    if device.interpret or int(device.sm.split(".")[0]) < 8 or importlib.util.find_spec("cuda") is None:
-        return ("triton",)
-    return ("triton", "cuda")
+        return tuple(SPECS)
+    sm = None if device.interpret else tuple(int(x) for x in device.sm.split("."))
+    has_nvrtc = importlib.util.find_spec("cuda") is not None
+    return tuple(name for name, spec in SPECS.items() if spec.supports(sm) and (name != "cuda" or has_nvrtc))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-BACKEND_CHOICES = ("auto", "triton", "cuda", "all")  # --backend; see device.search_backends
+BACKEND_CHOICES = ("auto", "triton", "cuda", "all")  # --backend (auto, all, or one of backends.BACKENDS); see device.search_backends
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
-"""The search space: every valid variant of one or more backends for one model layout, filtered before
-sampling.
+"""The search space: the catalogue's valid variants (``fgattn_gen.catalogue``) of one or more backends for
+one model layout, filtered by the device before sampling.
 
-A backend's tunable fields and their values are listed in ``TUNABLE``; with several backends, ``backend``
-is sampled first and the other fields follow within it. The other Variant fields (dtype,
+A backend's tunable fields and their values are its ``BackendSpec.tunable``; with several backends,
+``backend`` is sampled first and the other fields follow within it. The other Variant fields (dtype,
 head_dim, block_m, block_n) are fixed by the model. Points that ``Variant`` rejects (e.g. tile_m not
 dividing block_m) or whose shared memory exceeds the device's opt-in limit are dropped up front, so
-the sampler only ever sees valid points. ``space_hash`` identifies the layout's space (valid points and
-their rendered sources) independently of the device, for the tuned file's metadata and study names.
+the sampler only ever sees valid points. ``catalogue.space_hash`` identifies the layout's space
+independently of the device, for the tuned file's metadata and study names.
 
 Optuna's categorical distributions must keep the same choices for a parameter name within a study, so
 the space is sampled as a tree (define-by-run, field by field): a field whose valid values depend on
@@ -18,28 +18,19 @@ walks such a tree exhaustively; ``TPESampler(group=True)`` models each branch.
 from __future__ import annotations
 
 import functools
-import hashlib
-import itertools
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ..render import cuda_headers, render, source_hash
+from ..backends import spec
+from ..catalogue import backend_names, layout_variants, space_hash
 from ..variant import Variant
 
-if TYPE_CHECKING:  # the runtime registry hashes spaces without importing the tuner's optuna
+if TYPE_CHECKING:
     import optuna
 
 
 class EmptySpaceError(ValueError):
     """No tunable point is valid for a layout (e.g. no tile_m divides the model's block_m)."""
-
-
-TUNABLE: dict[str, dict[str, tuple[int, ...]]] = {
-    "triton": {"tile_m": (64, 128), "tile_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
-    # CUDA: 16 query rows per (consumer) warp, so tile_m = 16 * num_warps (Variant rejects the other pairs)
-    "cuda": {"tile_m": (64, 128), "tile_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
-}
 
 
 @dataclass(frozen=True)
@@ -89,57 +80,20 @@ class SearchSpace:
         return self._walk(lambda field, name, choices: getattr(variant, field))[1]
 
 
-def _backends(backends: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    names = (backends,) if isinstance(backends, str) else tuple(dict.fromkeys(backends))
-    unknown = [b for b in names if b not in TUNABLE]
-    if not names or unknown:
-        raise ValueError(f"backend: no search space for {unknown or names!r}; known: {', '.join(TUNABLE)}")
-    return names
-
-
-def _layout_variants(backends: tuple[str, ...], *, dtype: str, head_dim: int, block_m: int,
-                     block_n: int) -> list[Variant]:
-    """Every ``TUNABLE`` point of ``backends`` that ``Variant`` accepts for this layout."""
-    variants = []
-    for backend in backends:
-        for values in itertools.product(*TUNABLE[backend].values()):
-            try:
-                variants.append(Variant(backend=backend, dtype=dtype, head_dim=head_dim, block_m=block_m,
-                                        block_n=block_n, **dict(zip(TUNABLE[backend], values))))
-            except ValueError:  # Variant.problems() is not empty
-                continue
-    return variants
-
-
-def _hash(variants: list[Variant]) -> str:
-    points = sorted((v.key, source_hash(render(v))) for v in variants)
-    if any(v.backend == "cuda" for v in variants):  # the CUDA sources include these
-        points.append(("cuda headers", source_hash(json.dumps(cuda_headers()))))
-    return hashlib.sha256(json.dumps(points).encode()).hexdigest()
-
-
-def space_hash(backends: str | tuple[str, ...], *, dtype: str, head_dim: int, block_m: int, block_n: int) -> str:
-    """sha256 of the sorted keys of the layout's valid variants (of every backend in ``backends``), each with
-    the source hash of its rendered kernel. It changes when a template, the tunable values or the validity
-    rules change, and is the same on every device: the shared-memory filter of ``build_space`` is not part
-    of it."""
-    return _hash(_layout_variants(_backends(backends), dtype=dtype, head_dim=head_dim, block_m=block_m,
-                                  block_n=block_n))
-
-
 def build_space(backends: str | tuple[str, ...], *, dtype: str, head_dim: int, block_m: int, block_n: int,
                 smem_limit: int | None) -> SearchSpace:
     """All valid variants of ``backends`` (one name or several) for this layout whose ``smem_bytes()`` fit
     ``smem_limit`` (None: no limit, as under the interpreter). Raises EmptySpaceError if none is valid."""
-    names = _backends(backends)
-    variants = _layout_variants(names, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
+    names = backend_names(backends)
+    layout = dict(dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
+    variants = layout_variants(names, **layout)
     candidates = [v for v in variants if smem_limit is None or v.smem_bytes() <= smem_limit]
     if not candidates:
         limit = "" if smem_limit is None else f" within {smem_limit} bytes of shared memory"
         raise EmptySpaceError(f"no valid {'/'.join(names)} variant for dtype={dtype}, head_dim={head_dim}, "
                               f"block_m={block_m}, block_n={block_n}{limit} "
-                              f"(tunable values: {[TUNABLE[b] for b in names]})")
-    fields = tuple(dict.fromkeys(f for b in names for f in TUNABLE[b]))
+                              f"(tunable values: {[spec(b).tunable for b in names]})")
+    fields = tuple(dict.fromkeys(f for b in names for f in spec(b).tunable))
     if len({v.backend for v in candidates}) > 1:
         fields = ("backend", *fields)
-    return SearchSpace(names, fields, tuple(candidates), _hash(variants))
+    return SearchSpace(names, fields, tuple(candidates), space_hash(names, **layout))

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import nvrtc
-from ..render import templates_dir
+from ..environment import templates_dir
 from .words import full_row_words, pack_mask
 
 CUDA_RESIDENT_KEYS = 32768  # GPU: rows up to this many keys go to the CUDA kernel (512 threads x 64 keys)

@@ -1,4 +1,5 @@
-"""Launch a rendered CUDA variant: compaction of the KeySet, then the gather-load kernel per head chunk.
+"""Launch a CUDA variant: render, build with NVRTC (disk-cached), then per compaction head chunk run the
+gather-load kernel.
 
 The variant's source is ``templates/cuda/gather_attention.cu.j2`` rendered with StrictUndefined (it
 only pins the parameters); the kernel logic is in ``templates/cuda/include/fgattn/*.cuh``, handed to
@@ -17,9 +18,9 @@ import os
 import torch
 import triton
 
-from . import compaction, nvrtc, render
-from .keyset import KeySet
-from .variant import Variant
+from ... import compaction, nvrtc, render
+from ...keyset import KeySet
+from ...variant import Variant
 
 KERNEL = "fgattn_gather_attention"
 _LOG2E = 1.4426950408889634

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..build import interpreting
+from ..environment import interpreting
 from .pooling import pooled_scores
 from .words import full_row_words, pack_mask
 

@@ -1,0 +1,1 @@
+"""The CUDA backend: ``spec`` (rules, defaults) and ``launch`` (render, NVRTC build, run)."""

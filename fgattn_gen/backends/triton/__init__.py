@@ -1,0 +1,1 @@
+"""The Triton backend: ``spec`` (rules, defaults) and ``launch`` (render, import, run)."""
