@@ -61,6 +61,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
         out ``[B, H, Sq, D]`` in q's dtype, and with ``return_lse`` lse fp32 ``[B, H, Sq]``. A query block
         with no selected key gets zeros and LSE = -inf.
     """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v) if isinstance(t, torch.Tensor)):
+        raise RuntimeError("q, k, v: attention() is inference-only (no backward); call it under torch.no_grad() "
+                           "or with tensors that do not require grad")
     if (keys is None) == (predictor is None):
         raise ValueError("keys: pass either keys (a KeySet) or predictor=, not both and not neither")
     if predictor is not None:

@@ -74,6 +74,9 @@ class KeySet:
         if self.density_hint is not None and not (isinstance(self.density_hint, float)
                                                   and 0 < self.density_hint <= 1):
             raise ValueError(f"KeySet: density_hint must be a float in (0, 1] or None, got {self.density_hint!r}")
+        if self.bits.numel() == 0:
+            raise ValueError(f"KeySet: bits must have at least one batch, head and query block, got shape "
+                             f"{tuple(self.bits.shape)}")
         if not self.bits.is_contiguous():
             raise ValueError("KeySet: bits must be contiguous")
         if self.bits.shape[-1] != _ceil_div(self.n_kblocks, 32):

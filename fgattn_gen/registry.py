@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import threading
 import warnings
 from collections import Counter
@@ -224,6 +225,8 @@ def lookup(*, device: torch.device | str, dtype: torch.dtype, head_dim: int, seq
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     density = check_density(density)
+    if isinstance(device, str) and re.fullmatch(r"(cpu|cuda|meta|mps|xpu)(:\d+)?", device):
+        device = torch.device(device)  # a device string, not a GPU name
     if not isinstance(device, str) and torch.device(device).type != "cuda":
         raise ValueError(f"device: expected a CUDA device or a GPU name such as 'NVIDIA H200', got {device!r}")
     gpu, smem = (device, HOPPER_SMEM) if isinstance(device, str) else _device_info(torch.device(device))

@@ -96,8 +96,15 @@ def _check_mapping(data, spec: dict, where: str, optional: dict | None = None) -
             raise ValueError(f"{where}.{key}: expected {expected}, got {value!r}")
 
 
+def _check_range(value, ok: bool, where: str, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{where}: expected {expected}, got {value!r}")
+
+
 def _check_result(result, where: str) -> None:
     _check_mapping(result, _RESULT, where)
+    for name in ("ms", "ms_p20", "ms_p80"):
+        _check_range(result[name], result[name] > 0, f"{where}.{name}", "a time > 0")
     try:
         variant = Variant(**result["params"])
     except (TypeError, ValueError) as exc:
@@ -109,6 +116,11 @@ def _check_result(result, where: str) -> None:
 
 def _check_entry(entry, where: str) -> None:
     _check_mapping(entry, _ENTRY, where, _ENTRY_OPTIONAL)
+    for part in ("shape", "measured"):
+        for name, value in entry[part].items():
+            if name != "dtype":
+                _check_range(value, value >= 1, f"{where}.{part}.{name}", "an int >= 1")
+    _check_range(entry["density"], 0 < entry["density"] <= 1, f"{where}.density", "a key density in (0, 1]")
     _check_result(entry["best"], f"{where}.best")
     if len(entry["runners_up"]) > 3:
         raise ValueError(f"{where}.runners_up: expected at most 3, got {len(entry['runners_up'])}")

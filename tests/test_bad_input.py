@@ -224,3 +224,75 @@ def test_variant_not_a_variant(inputs):
     q, k, v, keys = inputs
     with pytest.raises((TypeError, ValueError), match=r"variant"):
         attention(q, k, v, keys, variant="triton_fp16_d64_qb16_kg3_bm16_bn32_w4_s2")
+
+
+# ---------------------------------------------------------------------------------------- beyond attention()
+def test_autograd_says_inference_only(inputs):
+    q, k, v, keys = inputs
+    with pytest.raises(RuntimeError, match="^q, k, v: attention\\(\\) is inference-only"):
+        attention(q.clone().requires_grad_(True), k, v, keys)
+    with torch.no_grad():
+        attention(q.clone().requires_grad_(True), k, v, keys, backend="reference")
+
+
+def test_empty_keyset_is_refused(device):
+    with pytest.raises(ValueError, match="^KeySet: bits must have at least one batch"):
+        KeySet.from_mask(torch.zeros(0, 2, 3, 40, dtype=torch.bool, device=device), block_m=16)
+
+
+@pytest.mark.parametrize("density", [0, 1.5, -1, float("nan"), True])
+def test_bad_density(inputs, density):
+    q, k, v, keys = inputs
+    with pytest.raises(ValueError, match="^density: expected a key density in"):
+        attention(q, k, v, keys, density=density)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(seq_q=0), "^seq_q: expected an int >= 1"),
+    (dict(seq_k=-5), "^seq_k: expected an int >= 1"),
+    (dict(density=0.0), "^density: expected a key density"),
+    (dict(density=float("nan")), "^density: expected a key density"),
+    (dict(device="cpu"), "^device: expected a CUDA device or a GPU name"),
+])
+def test_registry_lookup_rejects(kwargs, match):
+    from fgattn_gen import registry
+    args = {**dict(device="NVIDIA H200", dtype=torch.bfloat16, head_dim=128, seq_q=1000, seq_k=1000), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        registry.lookup(**args)
+
+
+@pytest.mark.parametrize("where, value, match", [
+    (("shape", "seq_q"), 0, r"entries\[0\]\.shape\.seq_q: expected an int >= 1"),
+    (("measured", "heads"), 0, r"entries\[0\]\.measured\.heads: expected an int >= 1"),
+    (("density",), -1, r"entries\[0\]\.density: expected a key density in \(0, 1\]"),
+    (("density",), 1.5, r"entries\[0\]\.density: expected a key density in \(0, 1\]"),
+    (("best", "ms"), 0.0, r"entries\[0\]\.best\.ms: expected a time > 0"),
+])
+def test_tuned_file_ranges(where, value, match):
+    """A tuned YAML with a number out of range fails validation (it would break every later lookup)."""
+    import copy
+
+    import yaml
+
+    from fgattn_gen.environment import tuned_dir
+    from fgattn_gen.tuned import validate_tuned
+    data = copy.deepcopy(yaml.safe_load((tuned_dir() / "nvidia-h200" / "hunyuan.yaml").read_text()))
+    validate_tuned(data)
+    target = data["entries"][0]
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    with pytest.raises(ValueError, match=match):
+        validate_tuned(data)
+
+
+def test_cached_mask_starts_a_new_generation(gen, device):
+    """Step 0 after later steps (a second generation) refreshes even when 0 is the only refresh step."""
+    from fgattn_gen.predictors import CachedMask
+    q, k, v = make_qkv(gen, 1, 1, 48, 48, 64, torch.bfloat16, device)
+    cache = CachedMask(refresh_steps=[0], block_m=16, threshold=0.05)
+    steps = [0, 1, 2, 0, 1]
+    refreshed = [cache.at(step=s, layer=0).predict(q * (1 + i), k, v).out is not None for i, s in enumerate(steps)]
+    assert refreshed == [True, False, False, True, False]
+    cache.reset()
+    assert cache.needs_refresh(1, layer=0)

@@ -91,6 +91,7 @@ class CachedMask(Predictor):
                                  keep_keys=keep_keys, local_window=local_window, scale=scale,
                                  score_precision=score_precision)
         self._entries: dict[tuple[int, int], _Entry] = {}
+        self._last_step: dict[tuple[int, int], int] = {}
 
     def _slot(self, layer: int, branch: int) -> tuple[int, int]:
         if not _is_int(layer) or not _is_int(branch):
@@ -98,11 +99,15 @@ class CachedMask(Predictor):
         return layer, 0 if self.share_branches else branch
 
     def needs_refresh(self, step: int, layer: int, branch: int = 0) -> bool:
-        """Whether ``cache(..., step=step, layer=layer, branch=branch)`` runs the dense refresh pass."""
+        """Whether the slot runs the dense refresh pass at ``step``: it has no mask yet, ``step`` is a refresh
+        step its mask was not made at, or ``step`` is earlier than the slot's last one (a new generation;
+        ``reset()`` says so explicitly)."""
         if not _is_int(step) or step < 0:
             raise ValueError(f"step: expected a step number >= 0, got {step!r}")
-        entry = self._entries.get(self._slot(layer, branch))
-        return entry is None or (step in self.refresh_steps and entry.step != step)
+        slot = self._slot(layer, branch)
+        entry = self._entries.get(slot)
+        return (entry is None or step < self._last_step.get(slot, step)
+                or (step in self.refresh_steps and entry.step != step))
 
     def at(self, *, step: int = 0, layer: int = 0, branch: int = 0) -> Predictor:
         """This cache at one denoising step, layer and CFG branch (``needs_refresh`` says what it will do)."""
@@ -116,7 +121,9 @@ class CachedMask(Predictor):
                branch: int = 0) -> Prediction:
         """The cached KeySet of the slot on q's device; at a refresh, the new one and the dense output."""
         slot = self._slot(layer, branch)
-        if self.needs_refresh(step, layer, branch):
+        refresh = self.needs_refresh(step, layer, branch)
+        self._last_step[slot] = step
+        if refresh:
             out, keys = exact_mask(q, k, v, **self.mask_options)
             stored = _copy_to(keys, torch.device("cpu")) if self.offload_masks else keys
             self._entries[slot] = _Entry(stored, step, _Density(keys))
@@ -156,6 +163,11 @@ class CachedMask(Predictor):
     def clear(self) -> None:
         """Forget every cached mask (the next call of each layer refreshes)."""
         self._entries.clear()
+        self._last_step.clear()
+
+    def reset(self) -> None:
+        """Start a new generation: every layer refreshes at its next call."""
+        self.clear()
 
 
 class _CacheSlot(Predictor):
