@@ -12,7 +12,9 @@ from .backends import BACKENDS as KERNEL_BACKENDS
 from .checks import check_attention_inputs, check_density
 from .environment import interpreting
 from .keyset import KeySet
+from .query_order import check_permutation, gather_queries, scatter_queries
 from .reference import reference_attention
+from .stats import AttentionStats, computed_fraction
 from .variant import Variant, dtype_name
 
 BACKENDS = (*KERNEL_BACKENDS, "reference")
@@ -37,14 +39,15 @@ def check_variant_fits(variant: Variant, q: torch.Tensor, keys: KeySet, backend:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | None = None, *, predictor=None,
               scale: float | None = None, backend: str | None = None, variant: Variant | None = None,
-              density: float | None = None, return_lse: bool = False):
+              density: float | None = None, return_lse: bool = False, return_stats: bool = False):
     """Fine-grained sparse attention: each query block attends only to its selected keys.
 
     Args:
         q: ``[B, H, Sq, D]`` bf16/fp16; k, v: ``[B, H, Sk, D]``, same dtype and device. Any strides with
             a contiguous last dim; Sq may differ from Sk; D in {64, 128}.
         keys: KeySet ``[B, H, ceil(Sq/block_m), ceil(Sk/block_n)]`` on the same device; or None with
-            ``predictor``.
+            ``predictor``. With ``keys.query_order`` (clustered query blocks) the q rows are gathered in that
+            order and the output rows scattered back.
         predictor: predicts ``keys`` first: a name from ``predictors.PREDICTORS`` (default knobs), a
             ``predictors.Predictor`` (e.g. ``cache.at(step=s, layer=i)`` of a ``CachedMask``: a refresh step
             returns its dense output) or a callable ``(q, k) -> KeySet``, e.g.
@@ -57,21 +60,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
         density: the KeySet's key density if known, in (0, 1] (default: ``keys.density_hint``); the registry
             serves the variant tuned nearest to it. Never computed here (that would synchronise).
         return_lse: also return the log-sum-exp of the scaled scores.
+        return_stats: also return an ``AttentionStats`` (density computed, the predictor's captured-mass
+            estimate); computing the density synchronises.
     Returns:
-        out ``[B, H, Sq, D]`` in q's dtype, and with ``return_lse`` lse fp32 ``[B, H, Sq]``. A query block
-        with no selected key gets zeros and LSE = -inf.
+        out ``[B, H, Sq, D]`` in q's dtype, then lse fp32 ``[B, H, Sq]`` with ``return_lse``, then the
+        stats with ``return_stats``. A query block with no selected key gets zeros and LSE = -inf.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v) if isinstance(t, torch.Tensor)):
         raise RuntimeError("q, k, v: attention() is inference-only (no backward); call it under torch.no_grad() "
                            "or with tensors that do not require grad")
     if (keys is None) == (predictor is None):
         raise ValueError("keys: pass either keys (a KeySet) or predictor=, not both and not neither")
+    captured_mass = None
     if predictor is not None:
         from .predictors import make_predictor  # predictors import Triton kernels: only when asked for
         prediction = make_predictor(predictor).predict(q, k, v)
+        keys, captured_mass = prediction.keys, prediction.captured_mass
         if prediction.out is not None and not return_lse:
-            return prediction.out
-        keys = prediction.keys
+            return _results(prediction.out, None, keys, captured_mass, q, k, return_lse, return_stats)
     scale = check_attention_inputs(q, k, v, keys, scale)
     density = check_density(keys.density_hint if density is None else density)
     if backend not in (None, *BACKENDS):
@@ -86,14 +92,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet | 
         if backend is None:
             warnings.warn("fgattn: CPU tensors and no TRITON_INTERPRET=1; using the fp32 reference", stacklevel=2)
         out, lse = reference_attention(q, k, v, keys, scale=scale, return_lse=True)
-        return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
+        return _results(out.to(q.dtype), lse, keys, captured_mass, q, k, return_lse, return_stats)
     if variant is not None:
         check_variant_fits(variant, q, keys, backend)
     if not runs_kernels:
         raise ValueError(f"backend: {backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                          f"q is on {q.device}")
+    order = keys.query_order
+    if order is not None:
+        check_permutation(order)
+        q = gather_queries(q, order)
     # no variant: the registry's pick (of ``backend`` when one is named)
     out, lse = ops.sparse_attention(q, k, v, keys.bits, keys.n_kblocks, keys.block_m, keys.block_n, scale,
                                     variant.key if variant is not None else (backend or ""),
                                     -1.0 if density is None else density_bucket(density))
-    return (out, lse) if return_lse else out
+    if order is not None:
+        out, lse = scatter_queries(out, order), scatter_queries(lse, order)
+    return _results(out, lse, keys, captured_mass, q, k, return_lse, return_stats)
+
+
+def _results(out, lse, keys: KeySet, captured_mass, q, k, return_lse: bool, return_stats: bool):
+    """``out``, then ``lse`` and an ``AttentionStats`` as asked for."""
+    results = (out,) + ((lse,) if return_lse else ())
+    if return_stats:
+        stats = AttentionStats(computed_fraction(keys, q.shape[2], k.shape[2]), captured_mass)
+        results += (stats,)
+    return results if len(results) > 1 else out

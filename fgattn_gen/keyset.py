@@ -53,6 +53,10 @@ class KeySet:
         block_n: keys per key block (key granularity).
         density_hint: the fraction of selected pairs when the maker knows it without a host sync (a Python
             float in (0, 1]), else None; ``attention`` passes it to the registry lookup.
+        query_order: None (query block i holds queries ``i*block_m .. (i+1)*block_m - 1``), or int64
+            ``[B, H, Sq]``, a permutation of each head's queries: query block i holds the queries
+            ``query_order[b, h, i*block_m : (i+1)*block_m]`` (clustered query blocks). ``attention`` gathers
+            those q rows and scatters the output rows back.
     """
 
     bits: torch.Tensor
@@ -60,6 +64,7 @@ class KeySet:
     block_m: int
     block_n: int = 1
     density_hint: float | None = None
+    query_order: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "n_kblocks"):
@@ -74,6 +79,16 @@ class KeySet:
         if self.density_hint is not None and not (isinstance(self.density_hint, float)
                                                   and 0 < self.density_hint <= 1):
             raise ValueError(f"KeySet: density_hint must be a float in (0, 1] or None, got {self.density_hint!r}")
+        if self.query_order is not None:
+            order = self.query_order
+            if not isinstance(order, torch.Tensor) or order.dtype != torch.int64 or order.dim() != 3 \
+                    or order.shape[:2] != self.bits.shape[:2] or order.device != self.bits.device:
+                raise ValueError(f"KeySet: query_order must be an int64 tensor [B, H, Sq] with B, H = "
+                                 f"{tuple(self.bits.shape[:2])} on {self.bits.device}, got {_describe(order)}")
+            if _ceil_div(order.shape[2], self.block_m) != self.bits.shape[2]:
+                raise ValueError(f"KeySet: query_order has {order.shape[2]} queries, which make "
+                                 f"{_ceil_div(order.shape[2], self.block_m)} query blocks of {self.block_m}, but "
+                                 f"bits has {self.bits.shape[2]}")
         if self.bits.numel() == 0:
             raise ValueError(f"KeySet: bits must have at least one batch, head and query block, got shape "
                              f"{tuple(self.bits.shape)}")
@@ -153,7 +168,8 @@ class KeySet:
         return float(self.counts().sum(dtype=torch.int64)) / (b * h * nq * nk)
 
     def to(self, device: torch.device | str) -> "KeySet":
-        return KeySet(self.bits.to(device), self.n_kblocks, self.block_m, self.block_n, self.density_hint)
+        order = None if self.query_order is None else self.query_order.to(device)
+        return KeySet(self.bits.to(device), self.n_kblocks, self.block_m, self.block_n, self.density_hint, order)
 
     def check_compatible(self, batch: int, heads: int, seq_q: int, seq_k: int, device: torch.device) -> None:
         """Raise ValueError naming ``keys`` if this layout does not fit q ``[B, H, Sq, D]`` / k ``[B, H, Sk, D]``."""
@@ -166,3 +182,5 @@ class KeySet:
             )
         if self.device != device:
             raise ValueError(f"keys: KeySet is on {self.device} but q is on {device}")
+        if self.query_order is not None and self.query_order.shape[2] != seq_q:
+            raise ValueError(f"keys: query_order orders {self.query_order.shape[2]} queries, q has Sq={seq_q}")

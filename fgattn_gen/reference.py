@@ -9,10 +9,15 @@ from .keyset import KeySet
 
 
 def element_mask(keys: KeySet, seq_q: int, seq_k: int) -> torch.Tensor:
-    """bool ``[B, H, Sq, Sk]``: the KeySet expanded to one entry per (query, key)."""
+    """bool ``[B, H, Sq, Sk]``: the KeySet expanded to one entry per (query, key), queries in their own order
+    (with ``keys.query_order``, the row of query ``query_order[b, h, p]`` is that of query block p // block_m)."""
     mask = keys.to_mask()
     mask = mask.repeat_interleave(keys.block_m, dim=2)[:, :, :seq_q]
-    return mask.repeat_interleave(keys.block_n, dim=3)[..., :seq_k]
+    mask = mask.repeat_interleave(keys.block_n, dim=3)[..., :seq_k]
+    if keys.query_order is None:
+        return mask
+    rows = keys.query_order[..., None].expand(-1, -1, -1, seq_k)
+    return torch.empty_like(mask).scatter_(2, rows, mask)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: KeySet, *,

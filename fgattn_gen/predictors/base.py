@@ -21,10 +21,12 @@ from ..keyset import KeySet
 @dataclass(frozen=True)
 class Prediction:
     """The keys of one attention call; ``out`` ``[B, H, Sq, D]`` when the predictor already computed the
-    output (then no sparse kernel needs to run)."""
+    output (then no sparse kernel needs to run); ``captured_mass`` fp32 ``[B, H, n_query_blocks]`` when it
+    estimated the softmax mass its keys hold (``captured_mass``)."""
 
     keys: KeySet
     out: torch.Tensor | None = None
+    captured_mass: torch.Tensor | None = None
 
 
 class Predictor(ABC):
