@@ -5,6 +5,7 @@
 - ``exact_mask(q, k, v, ...)``: one dense pass returns the output and the exact mask of its probabilities.
 - ``CachedMask``: exact masks at a few refresh steps, reused per layer and CFG branch in between.
 - ``captured_mass(q, k, keys)``: per query block, the softmax mass a KeySet keeps, from a few exact rows.
+- ``widen_to_mass(q, k, keys, min_mass=0.95)``: widens the blocks whose estimated mass is below min_mass.
 
 Modules: ``pooled_top_p``, ``exact_mask``, ``cached_mask`` (the predictors); ``threshold`` (top-p search by
 bisection), ``prob_threshold`` (fixed probability threshold), ``block_stats`` (exact per-block statistics of the probabilities), ``dense`` (dense pass with
@@ -18,6 +19,7 @@ under ``TRITON_INTERPRET=1``, and without it the same functions fall back to tor
 from .cached_mask import CachedMask
 from .captured_mass import captured_mass
 from .exact_mask import exact_mask
+from .min_mass import widen_to_mass
 from .pooled_top_p import pooled_top_p
 
-__all__ = ["CachedMask", "captured_mass", "exact_mask", "pooled_top_p"]
+__all__ = ["CachedMask", "captured_mass", "exact_mask", "pooled_top_p", "widen_to_mass"]
