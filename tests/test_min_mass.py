@@ -25,10 +25,12 @@ def random_keys(gen, b, h, seq_q, seq_k, block_m, block_n, density):
 
 
 def slow_widen(q, k, keys, min_mass_, samples):
-    """Loops: each low block ORs in, per sampled row, the key groups of the row's sorted top keys."""
+    """Loops: each low block ORs in, per sampled row, the key groups of the row's sorted top keys; it keeps
+    every key if the held-out rows (phase 0.5) then keep less than min_mass on average."""
     mask = keys.to_mask().cpu().clone()
     est = captured_mass(q, k, keys, samples=samples).cpu()
     rows, weights = sample_rows(q.shape[2], keys.block_m, samples, q.device)
+    held_rows, held_weights = sample_rows(q.shape[2], keys.block_m, samples, q.device, phase=0.5)
     probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1]), -1).cpu()
     b, h, nq, _ = mask.shape
     for bi in range(b):
@@ -44,6 +46,11 @@ def slow_widen(q, k, keys, min_mass_, samples):
                     n = int(((ordered.values.cumsum(0) - ordered.values) < min_mass_).sum())
                     for key in ordered.indices[:n].tolist():
                         mask[bi, hi, i, key // keys.block_n] = True
+                keep = mask[bi, hi, i].repeat_interleave(keys.block_n)[:k.shape[2]]
+                held = [float(probs[bi, hi, row][keep].sum()) * w for row, w in zip(held_rows[i].tolist(),
+                                                                                    held_weights[i].tolist())]
+                if sum(held) < min_mass_ * (1 - 1e-5):
+                    mask[bi, hi, i] = True
     return mask
 
 
@@ -57,8 +64,10 @@ def test_widening_reaches_min_mass(gen, b, h, seq_q, seq_k, block_m, block_n, sa
     widened, mass = widen_to_mass(q, k, keys, min_mass=target, samples=samples, return_mass=True)
     assert (widened.block_m, widened.block_n, widened.shape) == (block_m, block_n, keys.shape)
     after = captured_mass(q, k, widened, samples=samples)
-    torch.testing.assert_close(mass, after, atol=1e-6, rtol=1e-6)
     old, new = keys.to_mask(), widened.to_mask()
+    low = before < target
+    assert ((mass >= target * (1 - 1e-5)) | ~low).all()  # held-out estimate of every widened block
+    torch.testing.assert_close(mass[~low], before[~low])
     assert (new | old).eq(new).all()  # only adds keys
     assert ((after >= target * (1 - 1e-5)) | new.all(-1)).all()  # reached, or dense
     high = before >= target
@@ -76,7 +85,7 @@ def test_dense_fallback(gen, monkeypatch):
     widened, mass = widen_to_mass(q, k, keys, min_mass=0.9, return_mass=True)
     low = before < 0.9
     assert low.any() and widened.to_mask()[low].all()
-    torch.testing.assert_close(mass[low], torch.ones_like(mass[low]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mass[low], torch.ones_like(mass[low]), atol=1e-5, rtol=0)  # dense
     assert torch.equal(widened.to_mask()[~low], keys.to_mask()[~low])
 
 
@@ -91,21 +100,21 @@ def test_min_mass_one_and_full_keys(gen):
 
 def test_pooled_on_hard_data():
     """pooled_top_p at its defaults on the `scattered` family loses mass; widening lifts every block to the
-    target on its sampled rows and lowers the output error (not by much: the rows of a block's rare clusters
-    are seldom among its 8 sampled rows)."""
+    target on its held-out rows (or makes it dense), raises the exact mass of all rows, lowers the error."""
     from fgattn_gen import reference_attention
     data = dit_qkv("narrow-cpu", family="scattered", dtype=torch.float32, device=DEVICE)
     q, k, v = data.q, data.k, data.v
     keys = pooled_top_p(q, k, backend="torch")
     widened, mass = widen_to_mass(q, k, keys, return_mass=True)
     assert captured_mass(q, k, keys).min() < 0.9 and (mass >= 0.95 * (1 - 1e-5)).all()
+    assert captured_mass(q, k, widened, samples=128).mean() > captured_mass(q, k, keys, samples=128).mean() + 0.05
     dense = reference_attention(q, k, v, KeySet.full(1, data.shape.heads, data.shape.seq, data.shape.seq,
                                                      block_m=128, device=DEVICE))
 
     def error(ks):
         return ((reference_attention(q, k, v, ks) - dense).norm() / dense.norm()).item()
 
-    assert error(widened) < 0.9 * error(keys)
+    assert error(widened) < 0.6 * error(keys)
 
 
 @pytest.fixture

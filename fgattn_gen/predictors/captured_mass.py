@@ -53,8 +53,9 @@ def check_generator(generator, device: torch.device) -> torch.Generator | None:
 
 
 def sample_rows(seq_q: int, block_m: int, samples: int, device: torch.device,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified query rows of every query block (module docstring).
+                generator: torch.Generator | None = None, phase: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified query rows of every query block (module docstring); ``phase`` shifts the fixed position in
+    each stratum (0.5: the other half of each stratum, a second set of rows for validation).
 
     Returns:
         rows int64 ``[n_qblocks, s]`` (global query indices, ``s = min(samples, block_m)``) and weights fp32
@@ -71,7 +72,7 @@ def sample_rows(seq_q: int, block_m: int, samples: int, device: torch.device,
     start = j * size // taken  # stratum j of block i: rows [start, end)
     width = (j + 1) * size // taken - start  # >= 1 since taken <= size
     if generator is None:
-        u = ((block.double() + 1) * _GOLDEN) % 1.0
+        u = ((block.double() + 1) * _GOLDEN + phase) % 1.0
         u = u[:, None].expand(n_qblocks, s)
     else:
         u = torch.rand(n_qblocks, s, generator=generator, device=generator.device, dtype=torch.float64)

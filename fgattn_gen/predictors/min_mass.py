@@ -5,12 +5,15 @@ query rows (``captured_mass``: the same rows, exact fp32 softmax over every key)
 below ``min_mass`` also keeps the sampled rows' own top keys: for each sampled row, the smallest set of keys
 (largest probabilities first) that holds ``min_mass`` of that row's probability, unioned over the block's
 sampled rows (a key block is added when any of its keys is). Every sampled row then keeps at least
-``min_mass`` of its mass, so the widened estimate reaches ``min_mass``; a block where it still does not
-(rounding: the check allows a relative 1e-5) keeps every key. Blocks at or above ``min_mass`` are unchanged.
+``min_mass`` of its mass, so an estimate from those rows would always pass; the widened block is instead
+checked on a second, held-out set of rows (the same strata, the other half of each: ``sample_rows(phase=0.5)``,
+or new random rows with a ``generator``), and a block whose held-out estimate is still below ``min_mass``
+(a relative 1e-5 is allowed for rounding) keeps every key: its rows want keys that the sampled rows do not
+share (very peaked heads, many content clusters per block). Blocks at or above ``min_mass`` are unchanged.
+With ``samples >= block_m`` both sets are every row of the block.
 
-The estimate only sees the sampled rows: a block's other rows may still keep less (queries whose keys no
-sampled row shares). Cost and memory as ``captured_mass`` plus a sort of each sampled row's probabilities;
-no host synchronisation, any block_m / block_n, CPU and CUDA.
+Cost and memory: twice ``captured_mass``'s scores plus a sort of each sampled row's probabilities; no host
+synchronisation, any block_m / block_n, CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def widen_to_mass(q: torch.Tensor, k: torch.Tensor, keys: KeySet, *, min_mass: f
         return_mass: also return the widened KeySet's estimated mass.
     Returns:
         KeySet of the same layout (a new one; ``keys`` is not modified) and, with ``return_mass``, fp32
-        ``[B, H, n_qblocks]``: its estimated captured mass (>= min_mass up to rounding, or the dense mass 1).
+        ``[B, H, n_qblocks]``: the widened KeySet's estimated captured mass on the held-out rows (>= min_mass
+        up to rounding for widened blocks, the dense mass ~1 for blocks made dense, the first estimate for
+        untouched blocks).
     """
     checks.check_tensors(q=q, k=k)
     keys = check_keys(keys, q, k)
@@ -70,25 +75,29 @@ def widen_to_mass(q: torch.Tensor, k: torch.Tensor, keys: KeySet, *, min_mass: f
     scale = checks.check_scale(scale, d)
     generator = check_generator(generator, q.device)
     rows, weights = sample_rows(seq_q, keys.block_m, samples, q.device, generator)
+    held_out, held_weights = sample_rows(seq_q, keys.block_m, samples, q.device, generator, phase=0.5)
     n_qblocks, s = rows.shape
     bits = keys.bits.clone()
     mass = torch.empty(b, h, n_qblocks, dtype=torch.float32, device=q.device)
-    for bi, heads, blocks in chunks(b, h, n_qblocks, s, seq_k, d, _WIDEN_BYTES_PER_SCORE):
-        w = weights[blocks]
+    for bi, heads, blocks in chunks(b, h, n_qblocks, 2 * s, seq_k, d, _WIDEN_BYTES_PER_SCORE):
+        w, held_w = weights[blocks], held_weights[blocks]
         probs = row_probs(q[bi, heads], k[bi, heads], rows[blocks].flatten(), scale).unflatten(1, (-1, s))
         sums = group_sums(probs, keys.block_n, keys.n_kblocks)  # [n, blocks, s, n_kb]
+        held = group_sums(row_probs(q[bi, heads], k[bi, heads], held_out[blocks].flatten(), scale),
+                          keys.block_n, keys.n_kblocks).unflatten(1, (-1, s))
 
-        def estimate(mask):  # [n, blocks, n_kb] bool -> [n, blocks]
+        def estimate(mask, sums, w):  # [n, blocks, n_kb] bool -> [n, blocks]
             return (torch.matmul(sums, mask[..., None].float())[..., 0] * w).sum(-1)
 
         mask = unpack(keys.bits[bi, heads, blocks], keys.n_kblocks)
-        low = estimate(mask) < min_mass
+        first = estimate(mask, sums, w)
+        low = first < min_mass
         top = row_top_keys(probs, min_mass) & (w > 0)[..., None]  # padding slots add nothing
         top = group_sums(top.any(2).float(), keys.block_n, keys.n_kblocks) > 0  # [n, blocks, n_kb]
         widened = mask | (top & low[..., None])
-        still_low = low & (estimate(widened) < min_mass * (1 - _SLACK))
+        still_low = low & (estimate(widened, held, held_w) < min_mass * (1 - _SLACK))
         widened |= still_low[..., None]
         bits[bi, heads, blocks] = pack_mask(widened)
-        mass[bi, heads, blocks] = estimate(widened)
+        mass[bi, heads, blocks] = torch.where(low, estimate(widened, held, held_w), first)
     out = KeySet(bits, keys.n_kblocks, keys.block_m, keys.block_n)
     return (out, mass) if return_mass else out
