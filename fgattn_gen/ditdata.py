@@ -14,9 +14,58 @@ zero offset along the axes whose frequencies carry the weight w:
 - ``sink``: weak position, plus a shared direction added (after the rotation) to every query and to the
   text keys: heavy attention on the text tokens, diffuse elsewhere.
 
+Two more kinds (``EXTRA_KINDS``; ``ALL_KINDS`` = both tuples) serve the harder families below:
+
+- ``semantic``: content-dominated. Weak position carrier (peak logit 2-3.5), plus a content term added after
+  the rotation (so RoPE does not scramble it): q and k are the unit-normalised projections of the hidden
+  state through nearly the same matrix, scaled to a peak logit of 8-14, so ``q_i . k_j`` follows the cosine
+  similarity of the two tokens' content wherever they are: attention stays inside the query's content
+  cluster.
+- ``window``: a ``local`` head with a 1.6x sharper peak: a tight 3D neighbourhood of a few tokens.
+
+Families (``FAMILIES``, the ``family`` argument) choose the hidden state and the default head kinds. Only
+``smooth`` is what earlier versions generated; the others hold structure on which a predictor that scores a
+128-query block by its mean query (``pooled_top_p``) can fail while the exact per-block mask does not:
+
+- ``smooth`` (default, bit-identical to earlier versions): the smooth random field above; kinds
+  ``DEFAULT_KIND_CYCLE``. Neighbouring queries want neighbouring keys, so a block's mean query stands for
+  its rows.
+- ``scattered``: the hidden state is one of ``_SCATTER_CLUSTERS`` discrete content clusters per video token
+  (centroid + token noise), drawn token by token at random with Zipf-like frequencies (Sparse VideoGen 2
+  observes semantically similar tokens scattered in raster order in real DiTs): every 128-query block mixes
+  a few frequent clusters with many rare ones. Kinds ``FAMILY_KINDS["scattered"]`` (semantic, local, window,
+  spatial, sink). The mean query of a block is dominated by its frequent clusters: the keys of the rare
+  clusters' queries get little pooled probability and are dropped, and those rows lose most of their mass.
+- ``regions``: spatially coherent clusters: Voronoi regions around random seeds in (t, y, x) (stretched in
+  time: regions persist over frames, as objects do), each region one of fewer content clusters (distant
+  regions share semantics). Region borders run across the grid, so they cross query-block boundaries and a
+  block (several latent rows of a narrow grid) holds parts of several regions of unequal size. Kinds
+  semantic, window, temporal, local, sink. Minority regions of a block are lost by the mean query as above.
+- ``content``: content-dominated heads (mostly ``semantic``) over a hidden state of ``_MATERIALS`` random
+  "materials" blended by smooth random fields (soft blobs a few tokens wide; every material recurs in many
+  blobs all over the video, labels = the dominant material) plus token-level detail. A query attends to the
+  tokens of its material wherever they are, with weak position. A block crosses several blobs and their
+  soft borders; its mean query is a blend that scores best the keys of mixed tokens near the borders, not
+  the pure-material keys each row wants.
+- ``mixed-sharpness``: every kind, each head's logits multiplied by its own temperature factor (log-evenly
+  spaced over ``_SHARPNESS_RANGE``, shuffled over the heads): very peaked heads (a few keys per query, which
+  differ between a block's rows) next to flat ones (most keys needed). One pooled rule/threshold fits the
+  heads unevenly.
+
+Every non-smooth family also adds to each head's queries a shared offset (``_QUERY_OFFSET`` times the rms
+query norm) along a direction every key of the head is made orthogonal to: real DiT queries and keys carry
+large shared components. It leaves every ``q . k`` unchanged, so the attention is the same, but the queries
+of a block then look alike to a cosine-similarity gate (``pooled_top_p``'s ``sim_threshold``), which stops
+sending their blocks dense: the pooled prediction is used, silently.
+
+In every family the 128-token query blocks of the small CPU study shapes (``study-cpu``: width 32,
+``narrow-cpu``: width 20) span 4-6 latent rows, so a local or window head's rows in one block want
+different neighbourhoods (at HunyuanVideo's width 80 a block spans 1.6 rows).
+
 Shapes: ``SHAPES`` has the real HunyuanVideo (24 heads, D=128) and CogVideoX-5B (48 heads, D=64) grids, GPU
-benchmark shapes of 8-33K tokens, and small CPU shapes. Generation runs on ``device`` with a generator of
-that device seeded by ``seed`` (the same seed gives the same tensors on the same device type).
+benchmark shapes of 8-33K tokens, and small CPU shapes (``study-cpu``: 2,317 tokens, 6 heads, D=64, a length
+no power-of-two block divides). Generation runs on ``device`` with a generator of that device seeded by
+``seed`` (the same seed gives the same tensors on the same device type).
 """
 
 from __future__ import annotations
@@ -27,7 +76,18 @@ from dataclasses import dataclass
 import torch
 
 KINDS = ("local", "spatial", "temporal", "sink")
+EXTRA_KINDS = ("semantic", "window")  # the content-dominated and tight-window kinds of the harder families
+ALL_KINDS = KINDS + EXTRA_KINDS
 DEFAULT_KIND_CYCLE = ("local", "local", "spatial", "temporal", "local", "sink")
+FAMILIES = ("smooth", "scattered", "regions", "content", "mixed-sharpness")
+# Default head kinds of each family, repeated over the heads.
+FAMILY_KINDS = {
+    "smooth": DEFAULT_KIND_CYCLE,
+    "scattered": ("semantic", "local", "semantic", "window", "spatial", "sink"),
+    "regions": ("semantic", "window", "semantic", "temporal", "local", "sink"),
+    "content": ("semantic", "semantic", "local", "semantic", "semantic", "sink"),
+    "mixed-sharpness": ("local", "window", "spatial", "semantic", "temporal", "sink"),
+}
 _CONTENT_CHANNELS = 64
 # Logit scales (after the softmax scale 1/sqrt(D)), chosen so that 90 % of a local head's mass sits on a few
 # percent of the keys and 99 % on 15-50 %, as reported for video DiTs:
@@ -36,6 +96,20 @@ _CONTENT_GAIN = 0.4  # hidden-state (content) similarity term
 _QK_NOISE = 0.7  # per-token noise on q and k (queries of a block are not identical)
 _SINK_LOGIT = 6.0  # sink heads: extra logit of every query on the text keys
 _V_NOISE = 0.5
+# Harder families (module docstring):
+_SEMANTIC_POSITION_LOGIT = (2.0, 3.5)  # semantic heads: weak positional peak
+_SEMANTIC_PROJ_NOISE = 0.3  # semantic heads: k's projection = q's + this much of an independent one
+_WINDOW_SHARPNESS = 1.6  # window heads: peak logit of a local head times this
+_SCATTER_CLUSTERS = 32  # scattered: content clusters, drawn per token with weight 1 / (rank + 1)
+_CLUSTER_NOISE = 0.5  # scattered / regions: token noise around the cluster centroid (centroid std 1)
+_REGION_TOKENS = 48  # regions: video tokens per Voronoi region (on average)
+_REGION_TIME_STRETCH = 4.0  # regions: a frame step counts as 1/4 of a latent pixel step in the distance
+_REGION_CLUSTER_SHARE = 2  # regions: this many regions per content cluster on average
+_MATERIALS = 16  # content: materials blended over the grid
+_MATERIAL_CONTRAST = 4.0  # content: softmax gain of the smooth material fields (higher: purer blobs)
+_CONTENT_DETAIL = 0.5  # content: std of the i.i.d. token detail added to the (unit std) material blend
+_SHARPNESS_RANGE = (0.25, 4.0)  # mixed-sharpness: per-head logit factors, log-evenly spaced
+_QUERY_OFFSET = 2.0  # non-smooth families: shared query offset, in units of the head's rms query norm
 
 
 @dataclass(frozen=True)
@@ -80,6 +154,8 @@ SHAPES = {s.name: s for s in (
     DitShape("hunyuan-32k", 21, 30, 52, 0, 24, 128),  # timing benchmark: S = 32,760
     DitShape("hunyuan-cpu", 4, 8, 12, 32, 4, 128),  # CPU / interpreter: 416 tokens
     DitShape("cogvideox-cpu", 3, 8, 10, 16, 4, 64, text_first=True),  # CPU / interpreter: 256 tokens
+    DitShape("study-cpu", 4, 18, 32, 13, 6, 64),  # CPU predictor study: 2,317 tokens, 128 rows = 4 grid rows
+    DitShape("narrow-cpu", 3, 12, 20, 7, 4, 64),  # CPU tests of the families: 727 tokens, 128 rows = 6.4 grid rows
 )}
 
 
@@ -92,6 +168,10 @@ class DitAttention:
     v: torch.Tensor
     shape: DitShape
     kinds: tuple[str, ...]  # kind of each head
+    family: str = "smooth"  # FAMILIES
+    labels: torch.Tensor | None = None  # int64 [B, S] content cluster of each token (not smooth /
+    # mixed-sharpness; text tokens -1)
+    sharpness: tuple[float, ...] | None = None  # per-head logit factor (mixed-sharpness)
 
 
 def _rope_angles(shape: DitShape, device) -> torch.Tensor:
@@ -129,8 +209,91 @@ def _content(shape: DitShape, batch: int, gen: torch.Generator, device) -> torch
     return torch.cat([text, video] if shape.text_first else [video, text], 1)
 
 
+def _video_grid(shape: DitShape, device) -> torch.Tensor:
+    """fp32 ``[video, 3]``: the (t, y, x) position of each video token, frame-major."""
+    f, hh, ww = shape.frames, shape.height, shape.width
+    grid = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(hh), torch.arange(ww), indexing="ij"), -1)
+    return grid.reshape(-1, 3).float().to(device)
+
+
+def _with_text(shape: DitShape, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    return torch.cat([text, video] if shape.text_first else [video, text], 1)
+
+
+def _scattered_labels(shape: DitShape, batch: int, gen: torch.Generator, device) -> tuple[torch.Tensor, int]:
+    """int64 ``[B, video]``: a cluster per token, i.i.d. with probability proportional to 1 / (rank + 1); and
+    the number of clusters."""
+    weights = 1.0 / torch.arange(1, _SCATTER_CLUSTERS + 1, device=device, dtype=torch.float32)
+    weights = weights.expand(batch, -1).contiguous()
+    return torch.multinomial(weights, shape.video_tokens, replacement=True, generator=gen), _SCATTER_CLUSTERS
+
+
+def _region_labels(shape: DitShape, batch: int, gen: torch.Generator, device) -> tuple[torch.Tensor, int]:
+    """int64 ``[B, video]``: the content cluster of each token's Voronoi region (nearest seed in (t, y, x),
+    time distances divided by ``_REGION_TIME_STRETCH``); and the number of clusters."""
+    n_regions = max(4, shape.video_tokens // _REGION_TOKENS)
+    n_clusters = max(2, n_regions // _REGION_CLUSTER_SHARE)
+    extent = torch.tensor([shape.frames / _REGION_TIME_STRETCH, shape.height, shape.width], device=device)
+    seeds = torch.rand(batch, n_regions, 3, generator=gen, device=device) * extent
+    region_cluster = torch.randint(0, n_clusters, (batch, n_regions), generator=gen, device=device)
+    points = _video_grid(shape, device) / torch.tensor([_REGION_TIME_STRETCH, 1.0, 1.0], device=device)
+    labels = torch.empty(batch, shape.video_tokens, dtype=torch.int64, device=device)
+    for b in range(batch):
+        for start in range(0, shape.video_tokens, 8192):  # bounded [tokens, regions] distance matrix
+            nearest = torch.cdist(points[start:start + 8192], seeds[b]).argmin(-1)
+            labels[b, start:start + 8192] = region_cluster[b, nearest]
+    return labels, n_clusters
+
+
+def _cluster_content(shape: DitShape, labels: torch.Tensor, n_clusters: int, gen: torch.Generator,
+                     device) -> torch.Tensor:
+    """fp32 ``[B, S, C]`` unit-variance hidden state: each video token its cluster's random centroid plus
+    ``_CLUSTER_NOISE`` token noise; random text features."""
+    batch = labels.shape[0]
+    centroids = torch.randn(batch, n_clusters, _CONTENT_CHANNELS, generator=gen, device=device)
+    video = torch.gather(centroids, 1, labels[..., None].expand(-1, -1, _CONTENT_CHANNELS))
+    video = video + _CLUSTER_NOISE * torch.randn(video.shape, generator=gen, device=device)
+    video = video / math.sqrt(1 + _CLUSTER_NOISE ** 2)
+    text = torch.randn(batch, shape.text_tokens, _CONTENT_CHANNELS, generator=gen, device=device)
+    return _with_text(shape, video, text)
+
+
+def _material_content(shape: DitShape, batch: int, gen: torch.Generator, device):
+    """fp32 ``[B, S, C]`` hidden state of the ``content`` family and int64 ``[B, S]`` labels (dominant
+    material; text -1): at each video token a softmax blend of ``_MATERIALS`` random material vectors, weighted
+    by smooth random fields (blobs a few tokens wide; each material recurs in many blobs over the video),
+    plus ``_CONTENT_DETAIL`` token detail."""
+    f, hh, ww = shape.frames, shape.height, shape.width
+    coarse = torch.randn(batch, _MATERIALS, max(2, f // 2), max(2, hh // 4), max(2, ww // 4), generator=gen,
+                         device=device)
+    fields = torch.nn.functional.interpolate(coarse, size=(f, hh, ww), mode="trilinear", align_corners=True)
+    fields = fields / fields.std(dim=(2, 3, 4), keepdim=True)
+    weights = torch.softmax(_MATERIAL_CONTRAST * fields.flatten(2).transpose(1, 2), -1)  # [B, video, M]
+    materials = torch.randn(batch, _MATERIALS, _CONTENT_CHANNELS, generator=gen, device=device)
+    video = weights @ materials
+    video = video / video.std(dim=(1, 2), keepdim=True)
+    video = (video + _CONTENT_DETAIL * torch.randn(video.shape, generator=gen, device=device))
+    video = video / math.sqrt(1 + _CONTENT_DETAIL ** 2)
+    text = torch.randn(batch, shape.text_tokens, _CONTENT_CHANNELS, generator=gen, device=device)
+    labels = torch.full((batch, shape.text_tokens), -1, dtype=torch.int64, device=device)
+    return _with_text(shape, video, text), _with_text(shape, weights.argmax(-1), labels)
+
+
+def _family_content(shape: DitShape, family: str, batch: int, gen: torch.Generator, device):
+    """Hidden state ``[B, S, C]`` and token cluster labels ``[B, S]`` (or None) of a family."""
+    if family == "smooth" or family == "mixed-sharpness":
+        return _content(shape, batch, gen, device), None
+    if family == "content":
+        return _material_content(shape, batch, gen, device)
+    labels, n_clusters = (_scattered_labels if family == "scattered" else _region_labels)(shape, batch, gen, device)
+    content = _cluster_content(shape, labels, n_clusters, gen, device)
+    text = torch.full((batch, shape.text_tokens), -1, dtype=torch.int64, device=device)
+    return content, _with_text(shape, labels, text)
+
+
 def _carrier(shape: DitShape, kind: str, gen: torch.Generator, device) -> torch.Tensor:
     """fp32 ``[D]`` position carrier of one head: per rotary pair weight w_p (sum 1), random phase."""
+    kind = {"window": "local", "semantic": "sink"}.get(kind, kind)  # same spectra, other logit scales
     gains = {"local": (1.0, 1.0, 1.0), "spatial": (3.0, 0.3, 0.3), "temporal": (0.1, 1.0, 1.0),
              "sink": (0.3, 0.3, 0.3)}[kind]
     sharp = {"local": (1.0, 1.0, 1.0), "spatial": (2.0, -0.5, -0.5), "temporal": (-1.0, 1.0, 1.0),
@@ -147,8 +310,21 @@ def _carrier(shape: DitShape, kind: str, gen: torch.Generator, device) -> torch.
     return torch.stack([w.sqrt() * phase.cos(), w.sqrt() * phase.sin()], -1).flatten()
 
 
+def _sharpness(heads: int, gen: torch.Generator, device) -> tuple[float, ...]:
+    """Per-head logit factors, log-evenly spaced over ``_SHARPNESS_RANGE``, in a random head order."""
+    low, high = (math.log(x) for x in _SHARPNESS_RANGE)
+    steps = [low + (high - low) * i / max(1, heads - 1) for i in range(heads)]
+    order = torch.randperm(heads, generator=gen, device=device).tolist()
+    return tuple(math.exp(steps[i]) for i in order)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def dit_qkv(shape: DitShape | str, *, batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-            device: torch.device | str = "cpu", kinds: tuple[str, ...] | None = None) -> DitAttention:
+            device: torch.device | str = "cpu", kinds: tuple[str, ...] | None = None,
+            family: str = "smooth") -> DitAttention:
     """Generate one DiT-like attention call (see the module docstring).
 
     Args:
@@ -156,22 +332,30 @@ def dit_qkv(shape: DitShape | str, *, batch: int = 1, seed: int = 0, dtype: torc
         batch: batch size (samples get independent content, the same head structure).
         seed: seed of the generator on ``device``.
         dtype: dtype of q/k/v.
-        kinds: kind of each head (``KINDS``), default ``DEFAULT_KIND_CYCLE`` repeated over the heads.
+        kinds: kind of each head (``ALL_KINDS``), default ``FAMILY_KINDS[family]`` repeated over the heads
+            (``DEFAULT_KIND_CYCLE`` for ``smooth``).
+        family: one of ``FAMILIES``: how the hidden state and the head sharpness are built (module docstring).
+            ``"smooth"`` gives the same tensors as versions without families.
     Returns:
-        ``DitAttention`` with q, k, v ``[batch, heads, seq, head_dim]`` in ``dtype`` on ``device``.
+        ``DitAttention`` with q, k, v ``[batch, heads, seq, head_dim]`` in ``dtype`` on ``device``, the kinds,
+        the family, the token cluster labels (scattered, regions) and the heads' sharpness (mixed-sharpness).
     """
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise ValueError(f"shape: unknown DiT shape {shape!r}; known: {sorted(SHAPES)}")
         shape = SHAPES[shape]
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
     if kinds is None:
-        kinds = tuple(DEFAULT_KIND_CYCLE[i % len(DEFAULT_KIND_CYCLE)] for i in range(shape.heads))
-    if len(kinds) != shape.heads or any(kind not in KINDS for kind in kinds):
-        raise ValueError(f"kinds: expected {shape.heads} head kinds from {KINDS}, got {kinds!r}")
+        cycle = FAMILY_KINDS[family]
+        kinds = tuple(cycle[i % len(cycle)] for i in range(shape.heads))
+    if len(kinds) != shape.heads or any(kind not in ALL_KINDS for kind in kinds):
+        raise ValueError(f"kinds: expected {shape.heads} head kinds from {ALL_KINDS}, got {kinds!r}")
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     d, c, seq = shape.head_dim, _CONTENT_CHANNELS, shape.seq
-    content = _content(shape, batch, gen, device)
+    content, labels = _family_content(shape, family, batch, gen, device)
+    sharpness = _sharpness(shape.heads, gen, device) if family == "mixed-sharpness" else None
     angles = _rope_angles(shape, device)
     text = torch.zeros(seq, dtype=torch.bool, device=device)
     text[slice(*shape.text_range)] = True
@@ -181,9 +365,14 @@ def dit_qkv(shape: DitShape | str, *, batch: int = 1, seed: int = 0, dtype: torc
         proj_k = proj_q + 0.5 * torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
         proj_v = torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
         low, high = _PEAK_LOGIT
-        peak = low + (high - low) * float(torch.rand((), generator=gen, device=device))
+        uniform = float(torch.rand((), generator=gen, device=device))
+        peak = low + (high - low) * uniform
+        if kind == "window":
+            peak *= _WINDOW_SHARPNESS
+        elif kind == "semantic":  # weak position; the content term below carries the head
+            peak = _SEMANTIC_POSITION_LOGIT[0] + (_SEMANTIC_POSITION_LOGIT[1] - _SEMANTIC_POSITION_LOGIT[0]) * uniform
         position = math.sqrt(peak * math.sqrt(d)) * _carrier(shape, kind, gen, device)
-        content_gain = _CONTENT_GAIN * (c / d) ** 0.25
+        content_gain = 0.0 if kind == "semantic" else _CONTENT_GAIN * (c / d) ** 0.25
         q = position + content_gain * content @ proj_q + _QK_NOISE * torch.randn(batch, seq, d, generator=gen,
                                                                                    device=device)
         k = position + content_gain * content @ proj_k + _QK_NOISE * torch.randn(batch, seq, d, generator=gen,
@@ -194,7 +383,19 @@ def dit_qkv(shape: DitShape | str, *, batch: int = 1, seed: int = 0, dtype: torc
             direction = direction / direction.norm() * (_SINK_LOGIT * math.sqrt(d)) ** 0.5
             q = q + direction
             k = k + direction * text[:, None]
+        elif kind == "semantic":  # after the rotation: q_i . k_j ~ peak * cos(content_i, content_j)
+            semantic_peak = low + (high - low) * float(torch.rand((), generator=gen, device=device))
+            proj_ks = proj_q + _SEMANTIC_PROJ_NOISE * torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
+            gain = math.sqrt(semantic_peak * math.sqrt(d))
+            q = q + gain * _unit(content @ proj_q)
+            k = k + gain * _unit(content @ proj_ks)
+        if family != "smooth":  # a shared query offset that every key is orthogonal to (module docstring)
+            offset = _unit(torch.randn(d, generator=gen, device=device))
+            k = k - (k @ offset)[..., None] * offset
+            q = q + _QUERY_OFFSET * q.square().sum(-1).mean().sqrt() * offset
+        if sharpness is not None:
+            q = q * sharpness[h]
         out["q"][:, h], out["k"][:, h] = q.to(dtype), k.to(dtype)
         noise = _V_NOISE * torch.randn(batch, seq, d, generator=gen, device=device)
         out["v"][:, h] = (content @ proj_v + noise).to(dtype)
-    return DitAttention(out["q"], out["k"], out["v"], shape, tuple(kinds))
+    return DitAttention(out["q"], out["k"], out["v"], shape, tuple(kinds), family, labels, sharpness)

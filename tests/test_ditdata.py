@@ -84,3 +84,134 @@ def test_text_first_layout():
     probs = torch.softmax(data.q[0] @ data.k[0].transpose(-1, -2) / 8.0, -1)
     assert probs[:, :, :8].sum(-1).mean() > 0.5
     assert set(KINDS) == {"local", "spatial", "temporal", "sink"}
+
+
+# ---------------------------------------------------------------------------------------- families
+from fgattn_gen.ditdata import ALL_KINDS, FAMILIES, FAMILY_KINDS  # noqa: E402
+
+NARROW = SHAPES["narrow-cpu"]  # 3 x 12 x 20 + 7 text = 727 tokens, 4 heads, D = 64: 128 rows = 6.4 grid rows
+HARD = [f for f in FAMILIES if f != "smooth"]
+
+
+def _grid(shape):
+    return torch.stack(torch.meshgrid(*(torch.arange(n) for n in (shape.frames, shape.height, shape.width)),
+                                      indexing="ij"), -1).reshape(-1, 3)
+
+
+def _probs(data):
+    return torch.softmax(data.q[0].float() @ data.k[0].float().transpose(-1, -2) / math.sqrt(data.shape.head_dim), -1)
+
+
+def test_family_shapes():
+    study = SHAPES["study-cpu"]
+    assert study.seq == 2317 and all(study.seq % m for m in (16, 32, 64, 128)) and 4 <= study.heads <= 6
+    assert NARROW.seq % 128 and NARROW.width * NARROW.height > 128 > NARROW.width  # a block spans > 1 row
+    assert set(FAMILY_KINDS) == set(FAMILIES) and FAMILIES[0] == "smooth"
+    assert all(set(kinds) <= set(ALL_KINDS) for kinds in FAMILY_KINDS.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_seeded_shapes_dtypes(family):
+    a = dit_qkv(NARROW, family=family, seed=1, batch=2, dtype=torch.float16)
+    b = dit_qkv(NARROW, family=family, seed=1, batch=2, dtype=torch.float16)
+    c = dit_qkv(NARROW, family=family, seed=2, batch=2, dtype=torch.float16)
+    for x, y, z in zip((a.q, a.k, a.v), (b.q, b.k, b.v), (c.q, c.k, c.v)):
+        assert x.shape == (2, NARROW.heads, NARROW.seq, NARROW.head_dim) and x.dtype == torch.float16
+        assert torch.isfinite(x).all() and torch.equal(x, y) and not torch.equal(x, z)
+    assert not torch.equal(a.q[0], a.q[1])
+    cycle = FAMILY_KINDS[family]
+    assert a.family == family and a.kinds == tuple(cycle[i % len(cycle)] for i in range(NARROW.heads))
+    if a.labels is not None:
+        assert torch.equal(a.labels, b.labels) and a.labels.shape == (2, NARROW.seq)
+        start, end = NARROW.text_range
+        assert (a.labels[:, start:end] == -1).all() and (a.labels[:, :start] >= 0).all()
+
+
+def test_smooth_family_is_the_default():
+    a, b = dit_qkv(SMALL, seed=7), dit_qkv(SMALL, seed=7, family="smooth")
+    assert torch.equal(a.q, b.q) and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    assert a.labels is None and a.sharpness is None and a.family == "smooth"
+
+
+def test_bad_family():
+    with pytest.raises(ValueError, match="^family: "):
+        dit_qkv(SMALL, family="noisy")
+    with pytest.raises(ValueError, match="^kinds: "):
+        dit_qkv(SMALL, kinds=("semantic", "window", "local", "blur"))
+
+
+def _blocks(labels, video):
+    return [labels[i:i + 128] for i in range(0, video - 127, 128)]
+
+
+def test_scattered_blocks_mix_many_clusters():
+    data = dit_qkv(NARROW, family="scattered")
+    labels = data.labels[0, :NARROW.video_tokens]
+    for block in _blocks(labels, NARROW.video_tokens):
+        counts = torch.bincount(block)
+        assert (counts > 0).sum() >= 12  # many clusters in every block
+        assert counts.max() < 0.5 * 128  # none dominates
+        assert ((counts > 0) & (counts <= 3)).sum() >= 5  # rare clusters: 1-3 queries of the block
+    grid = labels.view(NARROW.frames, NARROW.height, NARROW.width)
+    assert (grid[..., 1:] == grid[..., :-1]).float().mean() < 0.3  # token by token, not spatial
+
+
+def test_regions_are_coherent_and_cross_blocks():
+    data = dit_qkv(NARROW, family="regions")
+    labels = data.labels[0, :NARROW.video_tokens]
+    grid = labels.view(NARROW.frames, NARROW.height, NARROW.width)
+    same_x = (grid[..., 1:] == grid[..., :-1]).float().mean()
+    same_y = (grid[:, 1:] == grid[:, :-1]).float().mean()
+    chance = (torch.bincount(labels).float() / labels.numel()).square().sum()
+    assert same_x > 0.6 and same_y > 0.6 and chance < 0.35  # spatially coherent, many clusters
+    blocks = _blocks(labels, NARROW.video_tokens)
+    assert all(len(set(b.tolist())) >= 2 for b in blocks)  # region borders cross every block
+    boundaries = labels[128::128][:len(blocks) - 1] == labels[127:-1:128][:len(blocks) - 1]
+    assert boundaries.any()  # some region continues across a block boundary
+
+
+@pytest.mark.parametrize("family", ["scattered", "regions", "content"])
+def test_semantic_heads_follow_content(family):
+    """Semantic heads put their mass on the query's cluster more than on its grid neighbourhood, and far
+    above the cluster's share of the keys; the local head of the same data attends by position."""
+    data = dit_qkv(NARROW, family=family, dtype=torch.float32)
+    video = NARROW.video_tokens
+    probs = _probs(data)[:, :video, :video]
+    labels = data.labels[0, :video]
+    same = (labels[:, None] == labels[None]).float()
+    grid = _grid(NARROW)
+    near = ((grid[:, None] - grid[None]).abs() <= 1).all(-1).float()
+    for h, kind in enumerate(data.kinds):
+        same_mass, near_mass = (probs[h] * same).sum(-1).mean(), (probs[h] * near).sum(-1).mean()
+        if kind == "semantic":
+            assert same_mass > 0.6 and same_mass > 3 * same.mean() and same_mass > near_mass + 0.3, (h, family)
+        if kind in ("local", "window"):
+            assert near_mass > 0.4, (h, family)
+
+
+@pytest.mark.parametrize("family", HARD)
+def test_queries_pass_a_similarity_gate(family):
+    """The shared query offset: a block's queries have cosine similarity > 0.6 to their mean (a pooled
+    predictor's gate keeps them), while q . k is what it would be without it (every key is orthogonal)."""
+    data = dit_qkv(NARROW, family=family, dtype=torch.float32)
+    blocks = data.q[0, :, :5 * 128].reshape(NARROW.heads, 5, 128, -1)
+    similarity = torch.nn.functional.cosine_similarity(blocks, blocks.mean(2, keepdim=True), dim=-1)
+    assert similarity.mean() > 0.8
+
+
+def test_mixed_sharpness_spans_heads():
+    data = dit_qkv(NARROW, family="mixed-sharpness", dtype=torch.float32)
+    assert max(data.sharpness) / min(data.sharpness) >= 10
+    probs = _probs(data)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(-1)  # per head, nats
+    assert entropy.max() - entropy.min() > 3.0  # a few keys per query next to most of them
+    assert entropy[int(torch.tensor(data.sharpness).argmax())] == entropy.min()
+
+
+def test_window_heads_are_tighter_than_local():
+    data = dit_qkv(SMALL, kinds=("local", "window", "local", "window"), dtype=torch.float32)
+    probs = _probs(data)[:, :SMALL.video_tokens, :SMALL.video_tokens]
+    grid = _grid(SMALL)
+    near = ((grid[:, None] - grid[None]).abs() <= 1).all(-1).float()
+    mass = (probs * near).sum(-1).mean(-1)
+    assert mass[1] > mass[0] and mass[3] > mass[2]

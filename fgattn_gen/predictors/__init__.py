@@ -9,6 +9,8 @@ predictor="name")`` and the diffusers integration take (``PREDICTORS``).
 - ``exact_mask(q, k, v, ...)``: one dense pass returns the output and the exact mask of its probabilities.
 - ``CachedMask``: exact masks at a few refresh steps, reused per layer and CFG branch in between.
 - ``SetKeys``: every key, or a synthetic local mask of a density (benchmarks).
+- ``captured_mass(q, k, keys)``: per query block, the softmax mass a KeySet keeps, from a few exact rows.
+- ``widen_to_mass(q, k, keys, min_mass=0.95)``: widens the blocks whose estimated mass is below min_mass.
 
 Kernels and helpers: ``top_p_search`` (top-p threshold by bisection), ``threshold_rule`` (fixed probability
 threshold, fused Triton kernel), ``block_stats`` (exact per-block statistics of the probabilities), ``dense``
@@ -21,10 +23,12 @@ under ``TRITON_INTERPRET=1``, and without it the same functions fall back to tor
 
 from .base import PerCall, Prediction, Predictor
 from .cached_mask import CachedMask
+from .captured_mass import captured_mass
 from .exact_mask import exact_mask
+from .min_mass import widen_to_mass
 from .names import PREDICTORS, knob_names, make_predictor
 from .pooled_top_p import pooled_top_p
 from .set_keys import SetKeys
 
-__all__ = ["CachedMask", "PREDICTORS", "PerCall", "Prediction", "Predictor", "SetKeys", "exact_mask",
-           "knob_names", "make_predictor", "pooled_top_p"]
+__all__ = ["CachedMask", "PREDICTORS", "PerCall", "Prediction", "Predictor", "SetKeys", "captured_mass",
+           "exact_mask", "knob_names", "make_predictor", "pooled_top_p", "widen_to_mass"]
