@@ -172,3 +172,28 @@ def test_bad_keys(qkk, gen):
         captured_mass(q, k, torch.ones(1, 2, 3, 50, dtype=torch.bool))
     with pytest.raises(ValueError, match="^k: "):
         captured_mass(q, k[..., :32].contiguous(), qkk[2])
+
+
+@pytest.mark.parametrize("block_m, block_n", [(16, 1), (32, 3)])
+def test_fused_kernel_matches_torch_ops(gen, monkeypatch, block_m, block_n):
+    """The fused one-pass kernel (CUDA, the interpreter) and the torch-ops path give the same estimate."""
+    import importlib
+    module = importlib.import_module("fgattn_gen.predictors.captured_mass")
+    q, k = randn(gen, 2, 2, 75, 64), randn(gen, 2, 2, 83, 64)
+    keys = random_keys(gen, 2, 2, 75, 83, block_m, block_n)
+    fused = captured_mass(q, k, keys, samples=3)
+    monkeypatch.setattr(module, "runs_fused", lambda q: False)
+    torch.testing.assert_close(fused, captured_mass(q, k, keys, samples=3), atol=2e-5, rtol=1e-4)
+
+
+def test_query_order(gen):
+    """With ``query_order`` block i's rows are the queries it orders there: every row sampled = exact mass of
+    the permuted queries."""
+    from fgattn_gen import KeySet
+    q, k = randn(gen, 1, 2, 48, 64), randn(gen, 1, 2, 50, 64)
+    plain = random_keys(gen, 1, 2, 48, 50, 16, 1)
+    order = torch.stack([torch.randperm(48, generator=gen) for _ in range(2)])[None]
+    ordered = KeySet(plain.bits, plain.n_kblocks, 16, 1, query_order=order)
+    gathered = q.gather(2, order[..., None].expand(-1, -1, -1, 64))
+    torch.testing.assert_close(captured_mass(q, k, ordered, samples=16),
+                               per_block(exact_rows(gathered, k, plain), 16), atol=2e-6, rtol=1e-5)

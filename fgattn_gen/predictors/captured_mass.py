@@ -11,9 +11,11 @@ sequence), or, with a ``generator``, at a uniformly random position in each stra
 The rows are the same for every batch and head.
 
 Cost: ``B * H * n_query_blocks * samples * Sk * D`` multiply-adds (e.g. 8 rows of each 128-query block:
-1/16 of the q k^T product of dense attention). Memory: the fp32 ``[rows, Sk]`` probabilities of a chunk of
-heads (or, if one head does not fit, of a chunk of its query blocks) stay under ``workspace_budget()``.
-Everything runs on q's device as tensor ops, without host synchronisation.
+1/16 of the q k^T product of dense attention). On CUDA (and in Triton's interpreter) one fused kernel
+(``mass_kernel``) scores the sampled rows in a single pass over the keys, scores never written; elsewhere
+torch ops, whose fp32 ``[rows, Sk]`` probabilities of a chunk of heads (or, if one head does not fit, of a
+chunk of its query blocks) stay under ``workspace_budget()``. A KeySet with ``query_order`` is estimated on
+its own blocks (the rows of block i are the queries it orders there). No host synchronisation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import torch
 
 from ..compaction import workspace_budget
 from ..keyset import KeySet
+from ..query_order import gather_queries
 from . import checks
+from .mass_kernel import row_mass, runs_fused
 
 _GOLDEN = 0.6180339887498949
 # Bytes per (sampled row, key) score that captured_mass keeps alive: scores, probabilities, key-group sums.
@@ -150,6 +154,13 @@ def captured_mass(q: torch.Tensor, k: torch.Tensor, keys: KeySet, *, samples: in
     generator = check_generator(generator, q.device)
     rows, weights = sample_rows(seq_q, keys.block_m, samples, q.device, generator)
     n_qblocks, s = rows.shape
+    if keys.query_order is not None:
+        q = gather_queries(q, keys.query_order)
+    if runs_fused(q):
+        q_rows = q[:, :, rows.flatten()].contiguous()
+        row_block = torch.arange(n_qblocks, dtype=torch.int32, device=q.device).repeat_interleave(s)
+        per_row = row_mass(q_rows, k, keys.bits, row_block, block_n=keys.block_n, scale=scale)
+        return (per_row.unflatten(-1, (n_qblocks, s)) * weights).sum(-1)
     mass = torch.empty(b, h, n_qblocks, dtype=torch.float32, device=q.device)
     for bi, heads, blocks in chunks(b, h, n_qblocks, s, seq_k, d, _MASS_BYTES_PER_SCORE):
         probs = row_probs(q[bi, heads], k[bi, heads], rows[blocks].flatten(), scale)

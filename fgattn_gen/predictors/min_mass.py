@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..keyset import KeySet
+from ..query_order import gather_queries
 from . import checks
 from .captured_mass import (check_generator, check_keys, chunks, group_sums, row_probs, sample_rows,
                             unpack)
@@ -74,6 +75,8 @@ def widen_to_mass(q: torch.Tensor, k: torch.Tensor, keys: KeySet, *, min_mass: f
     seq_k = k.shape[2]
     scale = checks.check_scale(scale, d)
     generator = check_generator(generator, q.device)
+    if keys.query_order is not None:
+        q = gather_queries(q, keys.query_order)
     rows, weights = sample_rows(seq_q, keys.block_m, samples, q.device, generator)
     held_out, held_weights = sample_rows(seq_q, keys.block_m, samples, q.device, generator, phase=0.5)
     n_qblocks, s = rows.shape
@@ -99,5 +102,5 @@ def widen_to_mass(q: torch.Tensor, k: torch.Tensor, keys: KeySet, *, min_mass: f
         widened |= still_low[..., None]
         bits[bi, heads, blocks] = pack_mask(widened)
         mass[bi, heads, blocks] = torch.where(low, estimate(widened, held, held_w), first)
-    out = KeySet(bits, keys.n_kblocks, keys.block_m, keys.block_n)
+    out = KeySet(bits, keys.n_kblocks, keys.block_m, keys.block_n, query_order=keys.query_order)
     return (out, mass) if return_mass else out
