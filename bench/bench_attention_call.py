@@ -1,22 +1,27 @@
-"""Whole attention call (predictor + registry lookup + kernel) at the predictors' default settings against
-dense SDPA (cuDNN), on DiT-like data at HunyuanVideo and Wan-14B 720p shapes, one GPU.
+"""Whole attention calls with a predictor, on every DiT-like data family, against dense SDPA (cuDNN): what a user
+gets from ``attention(q, k, v, predictor=...)``, and what choosing the keys costs.
 
-    PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_h100          # GPU, ~3 min
-    PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_cpu --cpu     # interpreter smoke run
+    PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_h200           # GPU
+    PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_cpu --cpu      # interpreter smoke run
+    PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_h200 --plot    # the plot of a result
 
-What the diffusers processors run per layer (``fgattn_gen.integrations``), q/k/v ``[B, H, S, D]`` bf16 passed
-as transposed views of ``[B, S, H, D]`` tensors as the processors pass them (``--layout bhsd``: contiguous):
+Per shape (HunyuanVideo 720p: 24 heads, 33x45x80 video + 256 text = 119,056 tokens; Wan-14B 720p: 40 heads,
+21x45x80 = 75,600; S = 32,760, 24 heads) and data family (``fgattn_gen.ditdata.FAMILIES``), bf16 q/k/v
+``[B, H, S, D]``, text keys kept by every predictor:
 
-- ``sdpa-cudnn``: ``fgattn_gen.baselines.sdpa(q, k, v, "cudnn")``, the reference output;
-- ``pooled_top_p``: ``pooled_top_p(q, k, keep_keys=text)`` then ``attention(q, k, v, keys)``;
-- ``cached_exact refresh``: ``exact_mask(q, k, v, keep_keys=text)`` (dense output + exact mask: a refresh step);
-- ``cached_exact reuse``: ``attention(q, k, v, keys)`` with the refresh's KeySet (the steps in between).
+- ``sdpa-cudnn``: the dense output (the reference of every error) and ``dense_ms``;
+- ``default``: ``predictors.predict`` (clustered query blocks, pooled threshold rule, captured-mass check) at its
+  defaults: ``predictor_ms`` (the predictor alone), ``kernel_ms`` (``attention`` with its KeySet), ``ms`` (the
+  whole ``attention(q, k, v, predictor="default")`` call);
+- ``pooled_top_p``: the previous default (top-p 0.9, pool 128, similarity gate 0.6), timed the same way;
+- curves for the error-vs-density plot, error only: ``exact_mask`` at thresholds c / S (the exact mask of the
+  same data, 128 x 1), ``block128``: the 128 x 128 block predictor (pooled q and k per block, threshold rule
+  over blocks, as SpargeAttn-style block sparsity does), and ``default`` over its ``threshold_scale``.
 
-Data: ``fgattn_gen.ditdata.dit_qkv`` (HunyuanVideo 720p: 24 heads, 33x45x80 video + 256 text tokens =
-119,056; Wan-14B 720p: 40 heads, 21x45x80 = 75,600 video tokens, no text in self-attention). Times: medians
-of ``triton.testing.do_bench`` (with --cpu: one wall-clock call, not a performance number). Density: of the
-whole KeySet. Error: relative L2 of the output against the SDPA output, over all heads.
-Writes ``bench/results/<name>.json`` and ``<name>.md``.
+``exact_rel_l2``: the exact mask's error at the row's density (log-log interpolation of its curve);
+``ratio`` = rel_l2 / exact_rel_l2 (bar: default <= 3). Times: medians of ``triton.testing.do_bench``; rel_l2:
+relative L2 of the output against the SDPA output over all heads. Writes ``bench/results/<name>.json`` and
+``.md``; ``--plot`` draws ``<name>.png`` from the JSON (matplotlib, on any machine).
 """
 
 from __future__ import annotations
@@ -28,23 +33,27 @@ if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at dec
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from benchlib import RESULTS, header_lines, run_info, timer, write_results  # noqa: E402
 from fgattn_gen import attention  # noqa: E402
-from benchlib import header_lines, run_info, timer, write_results  # noqa: E402
-from fgattn_gen.ditdata import SHAPES, DitShape, dit_qkv  # noqa: E402
-from fgattn_gen.predictors import exact_mask, pooled_top_p  # noqa: E402
+from fgattn_gen.ditdata import FAMILIES, SHAPES, DitShape, dit_qkv  # noqa: E402
+from fgattn_gen.predictors import exact_mask, pooled_top_p, predict  # noqa: E402
+from fgattn_gen.stats import computed_fraction  # noqa: E402
 
 GPU_SHAPES = {
     "hunyuan-720p": SHAPES["hunyuan-720p"],
     "wan14b-720p": DitShape("wan14b-720p", 21, 45, 80, 0, 40, 128),
+    "hunyuan-32k": SHAPES["hunyuan-32k"],
 }
-CPU_SHAPES = {
-    "hunyuan-cpu": SHAPES["hunyuan-cpu"],
-    "wan-cpu": DitShape("wan-cpu", 3, 8, 12, 0, 4, 128),
-}
+CPU_SHAPES = {"narrow-cpu": SHAPES["narrow-cpu"]}
+EXACT_SCALES = (0.5, 1, 2, 4, 8, 16, 32)  # exact mask thresholds c / S
+BLOCK_SCALES = (0.25, 0.5, 1, 2, 4)  # 128 x 128 threshold rule, c / n_kblocks
+DEFAULT_SCALES = (0.5, 1, 2, 4, 8)  # predict(threshold_scale=...)
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor, heads_per_chunk: int = 4) -> float:
@@ -57,80 +66,156 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor, heads_per_chunk: int = 4) -> fl
     return (num / den) ** 0.5
 
 
-def dense_sdpa(cpu: bool):
-    if cpu:
-        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    from fgattn_gen.baselines import sdpa
+def interpolate(curve: list[tuple[float, float]], density: float) -> float | None:
+    """Error of a (density, error) curve at ``density``, log-log between its neighbours (None outside it)."""
+    points = sorted(p for p in curve if p[0] > 0 and p[1] > 0)
+    for (d0, e0), (d1, e1) in zip(points, points[1:]):
+        if d0 <= density <= d1:
+            if d1 == d0:
+                return e0
+            t = math.log(density / d0) / math.log(d1 / d0)
+            return math.exp(math.log(e0) + t * (math.log(e1) - math.log(e0)))
+    return None
 
-    return lambda q, k, v: sdpa(q, k, v, "cudnn")
 
-
-def bench_shape(shape: DitShape, *, layout: str, cpu: bool, log) -> list[dict]:
+def bench_family(shape: DitShape, family: str, seed: int, *, cpu: bool, log) -> list[dict]:
     device = "cpu" if cpu else "cuda"
-    data = dit_qkv(shape, dtype=torch.bfloat16, device=device, seed=1)
-    if layout == "bshd":  # as the processors pass them: [B, S, H, D] storage, [B, H, S, D] views
-        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (data.q, data.k, data.v))
-    else:
-        q, k, v = data.q, data.k, data.v
+    data = dit_qkv(shape, family=family, dtype=torch.bfloat16, device=device, seed=seed)
+    q, k, v = data.q, data.k, data.v
     del data
-    text = shape.text_range if shape.text_tokens else None
-    b, h, seq, d = q.shape
-    base = dict(shape=shape.name, dims=[b, h, seq, d], layout=layout)
-    measure = timer(cpu, warmup_ms=100, rep_ms=1000)
-    sdpa = dense_sdpa(cpu)
-    ref = sdpa(q, k, v)
-    sdpa_ms = measure(lambda: sdpa(q, k, v))
-    rows = [dict(impl="sdpa-cudnn" if not cpu else "sdpa (cpu)", **base, ms=sdpa_ms, speedup=1.0, density=1.0,
-                 rel_l2=0.0)]
-    log(f"{shape.name:14s} {rows[-1]['impl']:22s} {sdpa_ms:10.3f} ms")
+    seq = q.shape[2]
+    text = [shape.text_range] if shape.text_tokens else None
+    measure = timer(cpu, warmup_ms=50, rep_ms=300)
+    if cpu:
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        dense_ms = measure(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    else:
+        from fgattn_gen.baselines import sdpa
+        ref = sdpa(q, k, v, "cudnn")
+        dense_ms = measure(lambda: sdpa(q, k, v, "cudnn"))
+    base = dict(shape=shape.name, dims=list(q.shape), family=family, seed=seed, dense_ms=dense_ms)
+    curves: dict[str, list[tuple[float, float]]] = {"exact_mask": [], "block128": [], "default": []}
 
-    def record(impl: str, call, keys, out):
-        ms = measure(call)
-        rows.append(dict(impl=impl, **base, ms=ms, speedup=sdpa_ms / ms, density=keys.density(),
-                         rel_l2=rel_l2(out, ref)))
+    def point(keys, out) -> tuple[float, float]:
+        return computed_fraction(keys, seq, k.shape[2]), rel_l2(out, ref)
+
+    for c in EXACT_SCALES:
+        out, keys = exact_mask(q, k, v, threshold=min(1.0, c / seq), keep_keys=text)
+        curves["exact_mask"].append(point(keys, attention(q, k, v, keys)))
+        del out
+    n_kblocks = -(-seq // 128)
+    for c in BLOCK_SCALES:
+        keys = pooled_top_p(q, k, block_m=128, block_n=128, threshold=min(1.0, c / n_kblocks), sim_threshold=-1.0,
+                            keep_keys=text)
+        curves["block128"].append(point(keys, attention(q, k, v, keys)))
+    for c in DEFAULT_SCALES:
+        keys = predict(q, k, threshold_scale=c, keep_keys=text)
+        curves["default"].append(point(keys, attention(q, k, v, keys)))
+
+    rows = []
+    predictors = {"default": lambda: predict(q, k, keep_keys=text),
+                  "pooled_top_p": lambda: pooled_top_p(q, k, keep_keys=text)}
+    for impl, make_keys in predictors.items():
+        keys = make_keys()
+        density, err = point(keys, attention(q, k, v, keys))
+        exact_err = interpolate(curves["exact_mask"], density)
+        predictor_ms = measure(make_keys)
+        kernel_ms = measure(lambda: attention(q, k, v, keys))
+        ms = measure(lambda: attention(q, k, v, make_keys()))
+        rows.append(dict(impl=impl, **base, density=density, rel_l2=err, exact_rel_l2=exact_err,
+                         ratio=None if exact_err is None else err / exact_err, predictor_ms=predictor_ms,
+                         kernel_ms=kernel_ms, ms=ms, predictor_share=predictor_ms / dense_ms))
         r = rows[-1]
-        log(f"{shape.name:14s} {impl:22s} {ms:10.3f} ms  {r['speedup']:5.2f}x  density {r['density']:.3f}  "
-            f"rel_l2 {r['rel_l2']:.4f}")
-
-    def pooled_call():
-        keys = pooled_top_p(q, k, keep_keys=text)
-        return attention(q, k, v, keys), keys
-
-    out, keys = pooled_call()
-    record("pooled_top_p", pooled_call, keys, out)
-    del out, keys
-
-    out, keys = exact_mask(q, k, v, keep_keys=text)
-    record("cached_exact refresh", lambda: exact_mask(q, k, v, keep_keys=text), keys, out)
-    out = attention(q, k, v, keys)
-    record("cached_exact reuse", lambda: attention(q, k, v, keys), keys, out)
+        log(f"{shape.name:13s} {family:16s} {impl:13s} density {density:.3f} rel_l2 {err:.4f} "
+            f"(exact {exact_err if exact_err is None else round(exact_err, 4)}) predictor {predictor_ms:.3f} ms "
+            f"= {100 * r['predictor_share']:.2f} % of dense {dense_ms:.3f} ms; kernel {kernel_ms:.3f}, call {ms:.3f}")
+    for impl, curve in curves.items():
+        for density, err in curve:
+            rows.append(dict(impl=f"{impl} (curve)", **base, density=density, rel_l2=err))
     return rows
 
 
 def markdown(result: dict) -> str:
     lines = [*header_lines(result),
-             "One whole attention call per row (predictor + registry lookup + kernel, KeySet compaction "
-             "included) on DiT-like bf16 q/k/v (`fgattn_gen.ditdata`), the predictors at their default "
-             "settings, text keys kept. Times: medians of `triton.testing.do_bench`; speedup = SDPA time / "
-             "time; density of the whole KeySet; rel_l2 = relative L2 error of the output vs the SDPA output "
-             "(all heads). `cached_exact refresh` is a refresh step (dense output + exact mask), `reuse` a step "
-             "in between (sparse attention with that mask).", "",
-             "| shape | [B,H,S,D] | layout | impl | ms | speedup | density | rel_l2 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Whole `attention(q, k, v, predictor=...)` calls on DiT-like bf16 data of every family "
+             "(`fgattn_gen.ditdata.FAMILIES`), text keys kept. predictor / kernel / call: medians of "
+             "`triton.testing.do_bench`; share = predictor time / dense cuDNN time; rel_l2 vs the dense output; "
+             "exact = the exact mask's error at the same density (interpolated on its curve); ratio = rel_l2 / "
+             "exact (bar: default <= 3, share <= 0.05).", "",
+             "| shape | family | seed | impl | density | rel_l2 | exact | ratio | predictor ms | share | kernel ms "
+             "| call ms | dense ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(x, spec):
+        return "n/a" if x is None else format(x, spec)
+
     for r in result["rows"]:
-        lines.append(f"| {r['shape']} | {r['dims']} | {r['layout']} | {r['impl']} | {r['ms']:.2f} | "
-                     f"{r['speedup']:.2f}x | {r['density']:.3f} | {r['rel_l2']:.4f} |")
+        if "(curve)" in r["impl"]:
+            continue
+        lines.append(f"| {r['shape']} | {r['family']} | {r['seed']} | {r['impl']} | {r['density']:.3f} | "
+                     f"{r['rel_l2']:.4f} | {fmt(r['exact_rel_l2'], '.4f')} | {fmt(r['ratio'], '.2f')} | "
+                     f"{r['predictor_ms']:.3f} | {r['predictor_share']:.3f} | {r['kernel_ms']:.3f} | {r['ms']:.3f} | "
+                     f"{r['dense_ms']:.3f} |")
+    defaults = [r for r in result["rows"] if r["impl"] == "default"]
+    if defaults:
+        worst_ratio = max((r["ratio"] for r in defaults if r["ratio"] is not None), default=None)
+        worst_share = max(r["predictor_share"] for r in defaults)
+        lines += ["", f"Default, worst over every row: ratio {fmt(worst_ratio, '.2f')} (bar 3), predictor share "
+                      f"{worst_share:.3f} (bar 0.05)."]
     return "\n".join(lines) + "\n"
+
+
+def plot(name: str) -> None:
+    """``<name>.png``: error vs density per (shape, family), with the exact mask and the 128 x 128 predictor."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads((RESULTS / f"{name}.json").read_text())
+    panels = sorted({(r["shape"], r["family"]) for r in result["rows"]})
+    shapes = sorted({s for s, _ in panels})
+    families = [f for f in FAMILIES if any(f == g for _, g in panels)]
+    fig, axes = plt.subplots(len(shapes), len(families), figsize=(3.2 * len(families), 2.8 * len(shapes)),
+                             squeeze=False)
+    styles = {"exact_mask (curve)": "k-", "block128 (curve)": "C1--", "default (curve)": "C0-"}
+    for i, shape in enumerate(shapes):
+        for j, family in enumerate(families):
+            ax = axes[i][j]
+            rows = [r for r in result["rows"] if (r["shape"], r["family"]) == (shape, family)]
+            for impl, style in styles.items():
+                pts = sorted((r["density"], r["rel_l2"]) for r in rows if r["impl"] == impl)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker=".", label=impl.replace(" (curve)", ""))
+            for impl, marker in (("default", "o"), ("pooled_top_p", "x")):
+                pts = [(r["density"], r["rel_l2"]) for r in rows if r["impl"] == impl]
+                if pts:
+                    ax.plot(*zip(*pts), marker, color="C3" if impl == "default" else "C2", label=f"{impl} (defaults)")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{shape} / {family}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if i == len(shapes) - 1:
+                ax.set_xlabel("density", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("output rel-L2 vs dense", fontsize=8)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{name}: {result['device']}, {result['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=90)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="attention_call")
-    parser.add_argument("--cpu", action="store_true", help="CPU with Triton's interpreter, tiny shapes")
+    parser.add_argument("--cpu", action="store_true", help="CPU with Triton's interpreter, a small shape")
+    parser.add_argument("--plot", action="store_true", help="only draw <name>.png from <name>.json")
     parser.add_argument("--shapes", nargs="+", help=f"default {list(GPU_SHAPES)} (GPU), {list(CPU_SHAPES)} (--cpu)")
-    parser.add_argument("--layout", choices=["bshd", "bhsd"], default="bshd",
-                        help="storage of q/k/v: bshd = transposed views as from the diffusers processors")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args(argv)
+    if args.plot:
+        plot(args.name)
+        return 0
     if not args.cpu and not torch.cuda.is_available():
         print("bench_attention_call: no CUDA GPU; use --cpu for the interpreter smoke run", file=sys.stderr)
         return 2
@@ -139,20 +224,15 @@ def main(argv=None) -> int:
     for name in names:
         if name not in known:
             parser.error(f"unknown shape {name!r}; known: {sorted(known)}")
-
-    def log(msg):
-        print(msg, flush=True)
-
     started = time.time()
     rows = []
     for name in names:
-        rows += bench_shape(known[name], layout=args.layout, cpu=args.cpu, log=log)
-        if not args.cpu:
-            torch.cuda.empty_cache()
-    result = dict(
-        name=args.name, **run_info(args.cpu),
-        wall_s=round(time.time() - started, 1), rows=rows,
-    )
+        for family in args.families:
+            for seed in args.seeds:
+                rows += bench_family(known[name], family, seed, cpu=args.cpu, log=lambda m: print(m, flush=True))
+                if not args.cpu:
+                    torch.cuda.empty_cache()
+    result = dict(name=args.name, **run_info(args.cpu), wall_s=round(time.time() - started, 1), rows=rows)
     write_results(args.name, result, markdown(result))
     return 0
 

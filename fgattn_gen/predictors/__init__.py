@@ -4,6 +4,8 @@ Every predictor is a ``Predictor`` (``base``): ``predict(q, k, v) -> Prediction`
 output when the predictor computed it); ``names.make_predictor`` resolves the names ``attention(...,
 predictor="name")`` and the diffusers integration take (``PREDICTORS``).
 
+- ``predict(q, k, ...)``: the default (``"default"``): clustered query blocks (``query_clusters``), the pooled
+  threshold rule, and blocks whose ``captured_mass`` estimate is below ``min_mass`` made dense.
 - ``pooled_top_p(q, k, ...)``: mean query of each pooled group, top-p (or a threshold) over softmax(q̄ . k̄)
   (cheap, every step).
 - ``exact_mask(q, k, v, ...)``: one dense pass returns the output and the exact mask of its probabilities.
@@ -24,11 +26,13 @@ under ``TRITON_INTERPRET=1``, and without it the same functions fall back to tor
 from .base import PerCall, Prediction, Predictor
 from .cached_mask import CachedMask
 from .captured_mass import captured_mass
+from .default import predict
 from .exact_mask import exact_mask
 from .min_mass import widen_to_mass
 from .names import PREDICTORS, knob_names, make_predictor
 from .pooled_top_p import pooled_top_p
+from .query_clusters import cluster_order
 from .set_keys import SetKeys
 
 __all__ = ["CachedMask", "PREDICTORS", "PerCall", "Prediction", "Predictor", "SetKeys", "captured_mass",
-           "exact_mask", "knob_names", "make_predictor", "pooled_top_p", "widen_to_mass"]
+           "cluster_order", "exact_mask", "knob_names", "make_predictor", "pooled_top_p", "predict", "widen_to_mass"]

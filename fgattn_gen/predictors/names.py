@@ -1,6 +1,8 @@
 """The table of predictor names: ``attention(..., predictor="name")`` and the diffusers integration resolve
 names (and check knobs) here.
 
+- ``"default"``: ``predict`` at every call: clustered query blocks, pooled threshold rule, captured-mass
+  check (knobs: its keyword arguments).
 - ``"pooled_top_p"``: ``pooled_top_p`` at every call (knobs: its keyword arguments).
 - ``"cached_exact"``: ``CachedMask``: exact masks at refresh steps, reused in between (its arguments).
 - ``"dense"``: every key (``KeySet.full``); no knobs.
@@ -15,6 +17,7 @@ from typing import Callable
 
 from .base import PerCall, Predictor
 from .cached_mask import CachedMask
+from .default import Default, predict
 from .pooled_top_p import pooled_top_p
 from .set_keys import SetKeys
 
@@ -28,12 +31,14 @@ def _fixed_density(*, density=None, **rest) -> Predictor:
 
 
 PREDICTORS: dict[str, Callable[..., Predictor]] = {
+    "default": Default,
     "pooled_top_p": lambda **knobs: PerCall(pooled_top_p, **knobs),
     "cached_exact": CachedMask,
     "dense": SetKeys,
     "fixed_density": _fixed_density,
 }
 _KNOBS = {
+    "default": lambda: frozenset(inspect.signature(predict).parameters) - LAYOUT - {"q", "k", "return_mass"},
     "pooled_top_p": lambda: frozenset(inspect.signature(pooled_top_p).parameters) - LAYOUT - {"q", "k"},
     "cached_exact": lambda: frozenset(inspect.signature(CachedMask).parameters) - LAYOUT,
     "dense": lambda: frozenset(),
