@@ -47,7 +47,7 @@ from fgattn_gen.stats import computed_fraction  # noqa: E402
 
 GPU_SHAPES = {
     "hunyuan-720p": SHAPES["hunyuan-720p"],
-    "wan14b-720p": DitShape("wan14b-720p", 21, 45, 80, 0, 40, 128),
+    "wan14b-720p": SHAPES["wan14b-720p"],
     "hunyuan-32k": SHAPES["hunyuan-32k"],
 }
 CPU_SHAPES = {"narrow-cpu": SHAPES["narrow-cpu"]}

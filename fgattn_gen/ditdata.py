@@ -62,8 +62,8 @@ In every family the 128-token query blocks of the small CPU study shapes (``stud
 ``narrow-cpu``: width 20) span 4-6 latent rows, so a local or window head's rows in one block want
 different neighbourhoods (at HunyuanVideo's width 80 a block spans 1.6 rows).
 
-Shapes: ``SHAPES`` has the real HunyuanVideo (24 heads, D=128) and CogVideoX-5B (48 heads, D=64) grids, GPU
-benchmark shapes of 8-33K tokens, and small CPU shapes (``study-cpu``: 2,317 tokens, 6 heads, D=64, a length
+Shapes: ``SHAPES`` has the real HunyuanVideo 720p, Wan2.1-14B 720p and CogVideoX-5B shapes, read from the model
+presets (``preset_shape``: any preset shape with a grid), GPU benchmark shapes of 8-33K tokens, and small CPU shapes (``study-cpu``: 2,317 tokens, 6 heads, D=64, a length
 no power-of-two block divides). Generation runs on ``device`` with a generator of that device seeded by
 ``seed`` (the same seed gives the same tensors on the same device type).
 """
@@ -74,6 +74,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from .models import load_model
 
 KINDS = ("local", "spatial", "temporal", "sink")
 EXTRA_KINDS = ("semantic", "window")  # the content-dominated and tight-window kinds of the harder families
@@ -146,9 +148,24 @@ class DitShape:
         return t, y, self.head_dim - t - y
 
 
+def preset_shape(model: str, shape: str, name: str | None = None) -> DitShape:
+    """The ``DitShape`` of shape ``shape`` of model preset ``model`` (``fgattn_gen/presets``): its grid, text
+    tokens and placement, heads and head dim; named ``name`` (default ``"<model>-<shape>"``)."""
+    spec = load_model(model)
+    found = {s.name: s for s in spec.shapes}
+    if shape not in found:
+        raise ValueError(f"shape: preset {model!r} has no shape {shape!r}; it has {sorted(found)}")
+    attention_shape = found[shape]
+    if attention_shape.grid is None:
+        raise ValueError(f"shape: preset {model!r} shape {shape!r} has no grid (frames x height x width)")
+    return DitShape(name or f"{model}-{shape}", *attention_shape.grid, attention_shape.text_tokens, spec.heads,
+                    spec.head_dim, text_first=spec.text_first)
+
+
 SHAPES = {s.name: s for s in (
-    DitShape("hunyuan-720p", 33, 45, 80, 256, 24, 128),  # HunyuanVideo 720p 129 frames
-    DitShape("cogvideox-5b", 13, 30, 45, 226, 48, 64, text_first=True),  # CogVideoX-5B 720x480 49 frames
+    preset_shape("hunyuan", "720p-129f", "hunyuan-720p"),  # HunyuanVideo 720p 129 frames
+    preset_shape("wan-14b", "720p-81f", "wan14b-720p"),  # Wan2.1-14B 720p 81 frames
+    preset_shape("cogvideox-5b", "480p-49f", "cogvideox-5b"),  # CogVideoX-5B 720x480 49 frames
     DitShape("hunyuan-14k", 9, 30, 52, 256, 24, 128),  # accuracy benchmark (GPU): 14,296 tokens
     DitShape("cogvideox-10k", 7, 30, 45, 226, 48, 64, text_first=True),  # accuracy benchmark (GPU): 9,676
     DitShape("hunyuan-32k", 21, 30, 52, 0, 24, 128),  # timing benchmark: S = 32,760

@@ -10,12 +10,14 @@ Presets live in ``fgattn_gen/presets/<name>.yaml``; a custom model is a YAML fil
     block_m: 128                  # KeySet query block
     block_n: 1                    # KeySet key granularity
     batch: 1                      # optional, default 1
+    text_first: false             # optional: the text tokens come before the video (CogVideoX)
     densities: [1.0, 0.3, 0.1]    # key densities to tune for, each in (0, 1]
     shapes:                       # one self-attention shape per resolution / clip length
-      - {name: 480p-81f, video_tokens: 32760, text_tokens: 0}
+      - {name: 480p-81f, video_tokens: 32760, text_tokens: 0, grid: [21, 30, 52]}
 
 A shape's sequence length is ``video_tokens + text_tokens`` (joint self-attention over both; models that
-take text through cross-attention list ``text_tokens: 0``).
+take text through cross-attention list ``text_tokens: 0``). ``grid`` (optional): the latent frames x height x
+width of the video tokens (their product), which ``fgattn_gen.ditdata`` needs to generate DiT-like data.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class AttentionShape:
     name: str
     video_tokens: int
     text_tokens: int
+    grid: tuple[int, int, int] | None = None  # latent frames, height, width of the video tokens
 
     @property
     def seq(self) -> int:
@@ -63,6 +66,7 @@ class ModelSpec:
     block_n: int
     densities: tuple[float, ...]
     shapes: tuple[AttentionShape, ...]
+    text_first: bool = False
 
 
 def _presets_dir():
@@ -86,6 +90,12 @@ def _density(value, where: str) -> float:
     return float(value)
 
 
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ModelSpecError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
 def _check_keys(data, required: set[str], optional: set[str], where: str) -> None:
     if not isinstance(data, dict):
         raise ModelSpecError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -99,19 +109,27 @@ def _check_keys(data, required: set[str], optional: set[str], where: str) -> Non
 
 
 def _parse_shape(data, where: str) -> AttentionShape:
-    _check_keys(data, {"name", "video_tokens", "text_tokens"}, set(), where)
+    _check_keys(data, {"name", "video_tokens", "text_tokens"}, {"grid"}, where)
     if not isinstance(data["name"], str) or not _NAME.match(data["name"]):
         raise ModelSpecError(f"{where}.name: expected a name of [A-Za-z0-9._-], got {data['name']!r}")
     text = data["text_tokens"]
     if not isinstance(text, int) or isinstance(text, bool) or text < 0:
         raise ModelSpecError(f"{where}.text_tokens: expected an int >= 0, got {text!r}")
-    return AttentionShape(data["name"], _positive_int(data["video_tokens"], f"{where}.video_tokens"), text)
+    video = _positive_int(data["video_tokens"], f"{where}.video_tokens")
+    grid = data.get("grid")
+    if grid is not None:
+        if not isinstance(grid, list) or len(grid) != 3:
+            raise ModelSpecError(f"{where}.grid: expected [frames, height, width], got {grid!r}")
+        grid = tuple(_positive_int(g, f"{where}.grid") for g in grid)
+        if grid[0] * grid[1] * grid[2] != video:
+            raise ModelSpecError(f"{where}.grid: {grid[0]} x {grid[1]} x {grid[2]} is not video_tokens = {video}")
+    return AttentionShape(data["name"], video, text, grid)
 
 
 def parse_model_spec(data, source: str) -> ModelSpec:
     """Validate a parsed YAML document against the model schema; errors name ``source`` and the key."""
     _check_keys(data, {"name", "heads", "head_dim", "dtype", "block_m", "block_n", "densities", "shapes"},
-                {"description", "batch"}, source)
+                {"description", "batch", "text_first"}, source)
     name = data["name"]
     if not isinstance(name, str) or not _NAME.match(name):
         raise ModelSpecError(f"{source}: name: expected a name of [A-Za-z0-9._-], got {name!r}")
@@ -137,7 +155,7 @@ def parse_model_spec(data, source: str) -> ModelSpec:
         block_m=_positive_int(data["block_m"], f"{source}: block_m"),
         block_n=_positive_int(data["block_n"], f"{source}: block_n"),
         densities=tuple(_density(d, f"{source}: densities[{i}]") for i, d in enumerate(data["densities"])),
-        shapes=shapes,
+        shapes=shapes, text_first=_flag(data.get("text_first", False), f"{source}: text_first"),
     )
 
 

@@ -215,3 +215,20 @@ def test_window_heads_are_tighter_than_local():
     near = ((grid[:, None] - grid[None]).abs() <= 1).all(-1).float()
     mass = (probs * near).sum(-1).mean(-1)
     assert mass[1] > mass[0] and mass[3] > mass[2]
+
+
+def test_preset_shapes_come_from_the_presets():
+    """The real model shapes are read from fgattn_gen/presets (one table of model shapes), grid and all."""
+    from fgattn_gen.ditdata import preset_shape
+    from fgattn_gen.models import load_model
+    for name, (model, shape) in {"hunyuan-720p": ("hunyuan", "720p-129f"), "wan14b-720p": ("wan-14b", "720p-81f"),
+                                 "cogvideox-5b": ("cogvideox-5b", "480p-49f")}.items():
+        spec = load_model(model)
+        (attention_shape,) = [s for s in spec.shapes if s.name == shape]
+        dit = SHAPES[name]
+        assert (dit.video_tokens, dit.text_tokens, dit.heads, dit.head_dim) == (
+            attention_shape.video_tokens, attention_shape.text_tokens, spec.heads, spec.head_dim)
+        assert dit.text_first == spec.text_first
+        assert preset_shape(model, shape, name) == dit
+    with pytest.raises(ValueError, match="^shape: preset 'hunyuan' has no shape"):
+        preset_shape("hunyuan", "8k")
