@@ -284,7 +284,7 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
     measure = timer(cpu)
     rows = []
     base = dict(shape=[b, h, seq, seq, d])
-    backend = "triton"
+    impl = "kernels"
 
     if cpu:
         dense_name, dense_fn = "dense math (cpu)", lambda: dense_attention_with_lse(q, k, v, scale)
@@ -349,9 +349,9 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
                predictor="pooled_top_p", granularity="128x1", pool=pool)
     n_qblocks = -(-seq // 128)
     for pool in (16, 128):
-        q_mean, _ = group_mean_and_similarity(q[0], pool, backend=backend)
+        q_mean, _ = group_mean_and_similarity(q[0], pool, impl=impl)
         record(f"  part: pooling + similarity, pool={pool}",
-               lambda: group_mean_and_similarity(q[0], pool, backend=backend))
+               lambda: group_mean_and_similarity(q[0], pool, impl=impl))
         record(f"  part: pooled scores (bmm, fp32 out), pool={pool}",
                lambda: pooled_scores(q_mean, k[0], scale, q.dtype))
         scores = pooled_scores(q_mean, k[0], scale, q.dtype)
@@ -359,7 +359,7 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
             kernel = "CUDA kernel" if warps is None and not cpu else f"Triton num_warps={warps or 'default'}"
             record(f"  part: top-p search + bits, pool={pool}, {kernel}",
                    lambda: top_p_words(scores, 0.9, rows_per_block=128 // pool, n_blocks=n_qblocks, iters=14,
-                                       backend=backend, num_warps=warps))
+                                       impl=impl, num_warps=warps))
 
     # exact mask refresh pass, then its statistics pass alone under a few launch configurations
     for precision in ("exact", "fp8"):
@@ -379,7 +379,7 @@ def timing_rows(shape_name: str, device: str, cpu: bool, log) -> tuple[list[dict
         for launch in launches if mode == "words" else ({}, {"pair": True}):
             record(f"  part: statistics pass, {mode}, {precision}, launch {json.dumps(launch)}",
                    lambda: block_stat(q[0], k[0], lse[0], block_m=128, scale=scale, mode=mode, precision=precision,
-                                      threshold=0.5 / seq, backend=backend, launch=launch))
+                                      threshold=0.5 / seq, impl=impl, launch=launch))
 
     # checks beside the timings: LSE of the dense pass, fp8 vs exact masks
     rows_ref = min(seq, 1024)

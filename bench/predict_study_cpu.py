@@ -128,7 +128,7 @@ class Study:
     def pooled_at(self, density: float, pool: int) -> KeySet | None:
         """pooled_top_p with threshold c / S bisected to ``density`` (None if out of reach)."""
         def call(c):
-            return pooled_top_p(self.q, self.k, pool=pool, threshold=min(1.0, c / self.seq), backend="torch")
+            return pooled_top_p(self.q, self.k, pool=pool, threshold=min(1.0, c / self.seq), impl="torch")
 
         lo, hi = math.log(0.01), math.log(self.seq)
         if call(math.exp(hi)).density() > density + 0.003 or call(math.exp(lo)).density() < density - 0.003:
@@ -165,7 +165,7 @@ def run_family(shape: str, family: str, seed: int) -> tuple[list[dict], list[dic
         matched.append(dict(method=f"candidate {name}", cost=cost, errors=errors))
     for row in matched:
         row["ratios"] = {d: None if e is None else e / exact[d] for d, e in row["errors"].items()}
-    defaults = pooled_top_p(study.q, study.k, backend="torch")
+    defaults = pooled_top_p(study.q, study.k, impl="torch")
     point_methods = [("pooled_top_p defaults", defaults)]
     for target in (0.95, 0.9):
         point_methods.append((f"pooled defaults + widen_to_mass({target})",

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     record("sdpa-cudnn", lambda: sdpa(q, k, v, "cudnn"))
     _, lse = dense_attention_with_lse(q, k, v, scale)
-    stat = dict(block_m=128, scale=scale, mode="words", precision="fp8", threshold=threshold, backend="triton")
+    stat = dict(block_m=128, scale=scale, mode="words", precision="fp8", threshold=threshold, impl="kernels")
     record("stats fp8 words, Triton", lambda: block_stats.block_stat(q[0], k[0], lse[0], kernel="triton", **stat))
     record("stats fp8 words, CUDA (with conversion)",
            lambda: block_stats.block_stat(q[0], k[0], lse[0], kernel="cuda", **stat))

@@ -98,7 +98,7 @@ def test_kernel_choice(gen):
     device = "cuda" if HAS_CUDA else "cpu"
     q, k = (torch.randn(1, 64, 64, generator=gen).to(device) for _ in range(2))
     lse = torch.zeros(1, 64, device=device)
-    args = dict(block_m=128, scale=0.125, mode="words", precision="fp8", threshold=0.01, backend="triton")
+    args = dict(block_m=128, scale=0.125, mode="words", precision="fp8", threshold=0.01, impl="kernels")
     with pytest.raises(ValueError, match="kernel"):
         block_stat(q, k, lse, kernel="fast", **args)
     if not _hopper():
@@ -142,7 +142,7 @@ def test_gpu_cuda_words_match_triton_and_slow(d, seq_q, seq_k, t_x_sk):
     (0.5 / Sk keeps nearly all of them: 128 peaked rows per block)."""
     q, k, lse, scale = _inputs(3, seq_q, seq_k, d, seed=seq_q + seq_k + d, offset=1.0)
     args = dict(block_m=128, scale=scale, mode="words", precision="fp8", threshold=min(1.0, t_x_sk / seq_k),
-                backend="triton")
+                impl="kernels")
     cuda = block_stat(q, k, lse, kernel="cuda", **args)
     tri = block_stat(q, k, lse, kernel="triton", **args)
     slow = block_stat(q.float(), k.float(), lse, **{**args, "precision": "exact", "backend": "torch"})
@@ -177,7 +177,7 @@ def test_gpu_cuda_words_strided_heads_and_exact_mask():
     _, lse = dense_attention_with_lse(q, k, v, 128 ** -0.5)
     for b in range(2):
         want = block_stat(q[b], k[b], lse[b], block_m=128, scale=128 ** -0.5,
-                          mode="words", precision="fp8", threshold=0.5 / 1000, backend="triton", kernel="triton")
+                          mode="words", precision="fp8", threshold=0.5 / 1000, impl="kernels", kernel="triton")
         assert (_bits(keys.bits[b]) != _bits(want)).float().mean() <= 2e-3
 
 
@@ -185,7 +185,7 @@ def test_gpu_cuda_words_strided_heads_and_exact_mask():
 @needs_hopper
 def test_gpu_cuda_words_no_sync_and_graph_capture():
     q, k, lse, scale = _inputs(2, 1000, 777, 128, seed=5)
-    args = dict(block_m=128, scale=scale, mode="words", precision="fp8", threshold=0.5 / 777, backend="triton",
+    args = dict(block_m=128, scale=scale, mode="words", precision="fp8", threshold=0.5 / 777, impl="kernels",
                 kernel="cuda")
     want = block_stat(q, k, lse, **args)
     torch.cuda.synchronize()

@@ -109,7 +109,7 @@ def test_dit_data_within_sampling_error(family):
     """DiT-like data with a pooled KeySet (rows of a block keep very different masses in `scattered`): 8 fixed
     rows of 128 stay within the sampling-error bound of the test above."""
     data = dit_qkv("narrow-cpu", family=family, dtype=torch.float32, device=DEVICE)
-    keys = pooled_top_p(data.q, data.k, pool=32, threshold=4 / data.shape.seq, backend="torch")
+    keys = pooled_top_p(data.q, data.k, pool=32, threshold=4 / data.shape.seq, impl="torch")
     rows = exact_rows(data.q, data.k, keys)
     standard_error = per_block(rows, 128, reduce="std") * math.sqrt((1 - 8 / 128) / 8)
     got = captured_mass(data.q, data.k, keys)

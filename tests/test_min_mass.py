@@ -104,7 +104,7 @@ def test_pooled_on_hard_data():
     from fgattn_gen import reference_attention
     data = dit_qkv("narrow-cpu", family="scattered", dtype=torch.float32, device=DEVICE)
     q, k, v = data.q, data.k, data.v
-    keys = pooled_top_p(q, k, backend="torch")
+    keys = pooled_top_p(q, k, impl="torch")
     widened, mass = widen_to_mass(q, k, keys, return_mass=True)
     assert captured_mass(q, k, keys).min() < 0.9 and (mass >= 0.95 * (1 - 1e-5)).all()
     assert captured_mass(q, k, widened, samples=128).mean() > captured_mass(q, k, keys, samples=128).mean() + 0.05

@@ -1,5 +1,5 @@
 """Training-free key predictors: each KeySet against a slow pure-torch version of the same rule (loops and a
-full sort per row), on small shapes through Triton's interpreter (CPU) and the torch backend; gates,
+full sort per row), on small shapes through Triton's interpreter (CPU) and torch ops; gates,
 always-kept keys, the exact-mask refresh output, CachedMask, and clear errors for bad knobs."""
 
 import math
@@ -13,7 +13,7 @@ from fgattn_gen.predictors import CachedMask, exact_mask, pooled_top_p, top_p_se
 from fgattn_gen.predictors.block_stats import block_stat
 from fgattn_gen.predictors.dense import dense_attention_with_lse
 
-BACKENDS = ["triton", "torch"]
+IMPLS = ["kernels", "torch"]
 EXACT_ITERS = 40  # enough bisection steps for the threshold to land on the exact sorted value
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -127,9 +127,9 @@ def test_top_p_words_match_sort(gen, monkeypatch, resident_keys, n_keys):
         keep_all = torch.zeros(2, 3, dtype=torch.bool, device=DEVICE)
         keep_all[0, 1] = True
         keep[0, 1] = True
-        for backend in BACKENDS:
+        for impl in IMPLS:
             got = top_p_search.top_p_words(scores, top_p, rows_per_block=2, n_blocks=3, iters=EXACT_ITERS,
-                                        backend=backend, keep_all=keep_all)
+                                        impl=impl, keep_all=keep_all)
             assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)
 
 
@@ -153,10 +153,10 @@ def test_pooled_threshold_words_match_slow(gen, n_keys, rows_per_block):
             keep = torch.nn.functional.pad(keep, (0, 0, 0, n_blocks * rows_per_block - groups))
             keep = keep.view(2, n_blocks, rows_per_block, n_keys).any(2)
             keep[0, 1] = True
-            for backend in BACKENDS:
+            for impl in IMPLS:
                 got = threshold_rule.pooled_threshold_words(
                     q_mean, k_mean, 1 / 8, min(1.0, t / n_keys), rows_per_block=rows_per_block, n_blocks=n_blocks,
-                    backend=backend, dtype=torch.float32, q_var=var, keep_all=keep_all)
+                    impl=impl, dtype=torch.float32, q_var=var, keep_all=keep_all)
                 assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)
                 assert not got[1, -1].any()  # block past the last row
 
@@ -164,7 +164,7 @@ def test_pooled_threshold_words_match_slow(gen, n_keys, rows_per_block):
 def test_top_p_keeps_at_least_the_mass(gen):
     """Few bisection steps: the kept mass still reaches top_p (the threshold is approached from below)."""
     scores = randn(gen, 1, 8, 300)
-    words = top_p_search.top_p_words(scores, 0.9, rows_per_block=1, n_blocks=8, iters=4, backend="triton")
+    words = top_p_search.top_p_words(scores, 0.9, rows_per_block=1, n_blocks=8, iters=4, impl="kernels")
     keep = KeySet(words[None], 300, 1).to_mask()[0, 0]
     assert ((torch.softmax(scores[0], -1) * keep).sum(-1) >= 0.9 - 1e-5).all()
 
@@ -180,44 +180,44 @@ POOLED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seq_q, seq_k, block_m, pool, block_n, top_p", POOLED_CASES)
-def test_pooled_top_p_matches_slow(gen, backend, seq_q, seq_k, block_m, pool, block_n, top_p):
+def test_pooled_top_p_matches_slow(gen, impl, seq_q, seq_k, block_m, pool, block_n, top_p):
     q, k = randn(gen, 1, 2, seq_q, 64), randn(gen, 1, 2, seq_k, 64)
     keys = pooled_top_p(q, k, block_m=block_m, block_n=block_n, pool=pool, top_p=top_p, sim_threshold=-1.0,
-                        search_iters=EXACT_ITERS, backend=backend)
+                        search_iters=EXACT_ITERS, impl=impl)
     assert (keys.block_m, keys.block_n) == (block_m, block_n)
     expected = slow_pooled_top_p(q, k, block_m=block_m, block_n=block_n, pool=pool, top_p=top_p, sim_threshold=-1.0)
     assert_same_keys(keys.to_mask(), expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seq_q, seq_k, block_m, pool, block_n, t_x_uniform", [
     (100, 77, 32, None, 1, 2.0), (130, 150, 64, 16, 1, 1.0), (90, 200, 32, 16, 16, 1.0), (16, 300, 16, 16, 1, 1.0)])
-def test_pooled_threshold_matches_slow(gen, backend, seq_q, seq_k, block_m, pool, block_n, t_x_uniform):
+def test_pooled_threshold_matches_slow(gen, impl, seq_q, seq_k, block_m, pool, block_n, t_x_uniform):
     """The threshold rule: a key group is kept where its pooled probability exceeds the threshold for a
     group of the block (t_x_uniform times the uniform probability); the similarity gate still applies."""
     q, k = randn(gen, 1, 2, seq_q, 64), randn(gen, 1, 2, seq_k, 64)
     threshold = t_x_uniform / -(-seq_k // block_n)
     for gate in (-1.0, 0.1):  # random queries: the gate keeps every key of some blocks
         keys = pooled_top_p(q, k, block_m=block_m, block_n=block_n, pool=pool, threshold=threshold,
-                            sim_threshold=gate, backend=backend)
+                            sim_threshold=gate, impl=impl)
         expected = slow_pooled_top_p(q, k, block_m=block_m, block_n=block_n, pool=pool, threshold=threshold,
                                      sim_threshold=gate)
         assert_same_keys(keys.to_mask(), expected)
         assert 0.0 < expected.float().mean() < 1.0 or gate > -1.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seq_q, seq_k, block_m, pool, block_n, rule", [
     (100, 77, 32, 8, 1, dict(threshold=2.0 / 77)), (130, 150, 64, 16, 1, dict(top_p=0.8)),
     (90, 200, 32, 16, 16, dict(threshold=1.0 / 13))])
-def test_pooled_query_variance_matches_slow(gen, backend, seq_q, seq_k, block_m, pool, block_n, rule):
+def test_pooled_query_variance_matches_slow(gen, impl, seq_q, seq_k, block_m, pool, block_n, rule):
     """query_variance adds scale^2 / 2 * var(q) . k̄^2 to the pooled logits; the kept keys change (keys of
     norm ~3 sqrt(D): the term varies across key groups)."""
     q, k = randn(gen, 1, 2, seq_q, 64), 3 * randn(gen, 1, 2, seq_k, 64)
     opts = dict(block_m=block_m, block_n=block_n, pool=pool, sim_threshold=-1.0, **rule)
-    keys = pooled_top_p(q, k, query_variance=True, search_iters=EXACT_ITERS, backend=backend, **opts)
+    keys = pooled_top_p(q, k, query_variance=True, search_iters=EXACT_ITERS, impl=impl, **opts)
     expected = slow_pooled_top_p(q, k, query_variance=True, **opts)
     assert_same_keys(keys.to_mask(), expected)
     assert not torch.equal(expected, slow_pooled_top_p(q, k, **opts))
@@ -253,19 +253,19 @@ def test_gate_on_a_sub_block_opens_its_kernel_block(gen):
     assert not pooled_top_p(q[..., :48, :], k, block_m=64, pool=16, top_p=0.3, sim_threshold=0.6).to_mask().all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_keep_keys_and_local_window(gen, backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keep_keys_and_local_window(gen, impl):
     seq_q, seq_k, block_m, block_n = 96, 120, 32, 8
     q, k = randn(gen, 1, 2, seq_q, 64), randn(gen, 1, 2, seq_k, 64)
     opts = dict(block_m=block_m, block_n=block_n, top_p=0.05, sim_threshold=-1.0)
     ranges = [(100, 120), (3, 4)]
-    keys = pooled_top_p(q, k, keep_keys=ranges, local_window=5, search_iters=EXACT_ITERS, backend=backend,
+    keys = pooled_top_p(q, k, keep_keys=ranges, local_window=5, search_iters=EXACT_ITERS, impl=impl,
                         **opts).to_mask()
     expected = slow_pooled_top_p(q, k, keep_keys=ranges, local_window=5, **opts)
     assert_same_keys(keys, expected)
     assert keys[..., 0].all() and keys[..., 12:].all()  # key 3 -> group 0; keys 100..119 -> groups 12..14
     assert keys[:, :, 1, 3].all() and keys[:, :, 1, 8].all()  # block 1 = queries 32..63 keeps keys 27..68
-    single = pooled_top_p(q, k, keep_keys=(10, 11), backend=backend, **opts).to_mask()
+    single = pooled_top_p(q, k, keep_keys=(10, 11), impl=impl, **opts).to_mask()
     assert single[..., 1].all()
 
 
@@ -299,11 +299,11 @@ EXACT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seq_q, seq_k, block_m, block_n, rule", EXACT_CASES)
-def test_exact_mask_matches_slow(gen, backend, seq_q, seq_k, block_m, block_n, rule):
+def test_exact_mask_matches_slow(gen, impl, seq_q, seq_k, block_m, block_n, rule):
     q, k, v = randn(gen, 1, 2, seq_q, 64), randn(gen, 1, 2, seq_k, 64), randn(gen, 1, 2, seq_k, 64)
-    out, keys = exact_mask(q, k, v, block_m=block_m, block_n=block_n, search_iters=EXACT_ITERS, backend=backend,
+    out, keys = exact_mask(q, k, v, block_m=block_m, block_n=block_n, search_iters=EXACT_ITERS, impl=impl,
                            **rule)
     ref = reference_attention(q, k, v, KeySet.full(1, 2, seq_q, seq_k, block_m=16, device=DEVICE))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -328,10 +328,10 @@ def test_fp8_scores_agree(gen, rule):
     q, k, v = make_qkv(gen, 1, 2, 256, 300, 64, torch.bfloat16, DEVICE)
     k = k + 2.0  # a shared offset in the keys: the centring before quantisation takes it out
     exact = exact_mask(q, k, v, block_m=64, score_precision="exact", **rule)[1].to_mask()
-    fp8 = {b: exact_mask(q, k, v, block_m=64, score_precision="fp8", backend=b, **rule)[1].to_mask()
-           for b in BACKENDS}
-    assert (fp8["triton"] != fp8["torch"]).float().mean() < 0.005
-    assert (fp8["triton"] != exact).float().mean() < 0.05
+    fp8 = {b: exact_mask(q, k, v, block_m=64, score_precision="fp8", impl=b, **rule)[1].to_mask()
+           for b in IMPLS}
+    assert (fp8["kernels"] != fp8["torch"]).float().mean() < 0.005
+    assert (fp8["kernels"] != exact).float().mean() < 0.05
 
 
 def test_exact_mask_keep_keys(gen):
@@ -350,9 +350,9 @@ def test_block_stat_launches_agree(gen, mode, precision):
     q, k = randn(gen, 2, 300, 64, dtype=torch.bfloat16), randn(gen, 2, 200, 64, dtype=torch.bfloat16)
     lse = torch.logsumexp(q.float() @ k.float().transpose(1, 2) / 8.0, -1)
     args = dict(block_m=128, scale=1 / 8.0, mode=mode, precision=precision, threshold=0.5 / 200)
-    want = block_stat(q, k, lse, backend="torch", **args)
+    want = block_stat(q, k, lse, impl="torch", **args)
     for launch in (None, {"pair": True}, {"tile_n": 32, "num_warps": 4}):
-        got = block_stat(q, k, lse, backend="triton", launch=launch, **args)
+        got = block_stat(q, k, lse, impl="kernels", launch=launch, **args)
         if mode == "words":
             assert_same_keys(KeySet(got[None], 200, 128).to_mask(), KeySet(want[None], 200, 128).to_mask())
         else:  # Hopper's fp8 tensor cores accumulate with fewer mantissa bits than fp32
@@ -436,7 +436,7 @@ def qk(gen):
     (dict(block_m=0), "block_m"), (dict(block_n=2.0), "block_n"), (dict(pool=48), "pool"), (dict(pool=0), "pool"),
     (dict(keep_keys=(5, 3)), "keep_keys"), (dict(keep_keys=[(0, 51)]), "keep_keys"),
     (dict(keep_keys="text"), "keep_keys"), (dict(local_window=-1), "local_window"),
-    (dict(scale=0.0), "scale"), (dict(search_iters=0), "search_iters"), (dict(backend="cuda"), "backend"),
+    (dict(scale=0.0), "scale"), (dict(search_iters=0), "search_iters"), (dict(impl="cuda"), "impl"),
     (dict(query_variance=1), "query_variance"),
 ])
 def test_pooled_bad_knobs(qk, kwargs, match):
@@ -528,7 +528,7 @@ def test_gpu_top_p_words_match_sort(n_keys):
         keep_all = torch.zeros(2, 4, dtype=torch.bool, device="cuda")
         keep_all[1, 0] = True
         got = top_p_search.top_p_words(scores, top_p, rows_per_block=2, n_blocks=4, iters=EXACT_ITERS,
-                                    backend="triton", keep_all=keep_all)
+                                    impl="kernels", keep_all=keep_all)
         keep[1, 0] = True
         assert_same_keys(KeySet(got[None], n_keys, 1).to_mask()[0], keep)
         assert not got[:, 3].any()
@@ -562,7 +562,7 @@ def test_gpu_exact_mask_matches_slow(precision):
     _, lse = dense_attention_with_lse(q, k, v, 128 ** -0.5)
     for mode in ("words", "mean"):
         args = dict(block_m=128, scale=128 ** -0.5, mode=mode, precision=precision, threshold=0.5 / 700,
-                    backend="triton")
+                    impl="kernels")
         one = block_stat(q[0], k[0], lse[0], kernel="triton", **args)  # launch variants are Triton's
         for launch in ({"pair": True}, {"tile_n": 64, "num_stages": 2}):
             torch.testing.assert_close(block_stat(q[0], k[0], lse[0], launch=launch, **args), one)

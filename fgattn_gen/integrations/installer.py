@@ -8,8 +8,11 @@ call replaced) and returns an ``FgattnHandle``; ``handle.remove()`` puts the ori
 Predictors (the keys each block of ``block_m`` queries attends to), with their knobs:
 
 - ``"dense"``: every key (``KeySet.full``); checks the integration against SDPA. No knobs.
+- ``"default"``: ``predictors.predict`` at every call (clustered query blocks, pooled threshold rule,
+  captured-mass check). Knobs: ``threshold_scale``, ``tokens_per_cluster``, ``cluster_steps``, ``min_mass``,
+  ``samples``.
 - ``"pooled_top_p"``: ``predictors.pooled_top_p`` at every call. Knobs: ``top_p`` or ``threshold``,
-  ``sim_threshold``, ``pool``, ``local_window``, ``search_iters``, ``query_variance``, ``backend``.
+  ``sim_threshold``, ``pool``, ``local_window``, ``search_iters``, ``query_variance``, ``impl``.
 - ``"cached_exact"``: ``predictors.CachedMask``: at a refresh step a layer runs a dense pass that also gives
   its exact mask; the steps in between reuse the layer's mask. Knobs: ``refresh_steps`` (default
   ``HUNYUAN_REFRESH_STEPS``), ``threshold``, ``top_p``, ``local_window``, ``score_precision``,

@@ -11,10 +11,9 @@ from typing import Callable
 import torch
 
 from ..attention_api import attention
-from ..predictors import CachedMask, Predictor, knob_names, make_predictor
+from ..predictors import PREDICTORS, CachedMask, Predictor, knob_names, make_predictor
 from ..variant import DTYPE_NAMES, HEAD_DIMS
 
-PREDICTORS = ("dense", "pooled_top_p", "cached_exact", "fixed_density")
 HUNYUAN_REFRESH_STEPS = (0, 1, 10, 40)  # Chipmunk's full steps for HunyuanVideo's 50-step schedule
 
 
@@ -35,7 +34,7 @@ class SparseSelfAttention:
     def __init__(self, predictor: str = "pooled_top_p", *, block_m: int = 128, block_n: int = 1,
                  keep_text: bool = True, **knobs):
         if predictor not in PREDICTORS:
-            raise ValueError(f"predictor: expected one of {PREDICTORS}, got {predictor!r}")
+            raise ValueError(f"predictor: expected one of {tuple(PREDICTORS)}, got {predictor!r}")
         unknown = set(knobs) - knob_names(predictor)
         if unknown:
             raise TypeError(f"{predictor}: unknown knob(s) {sorted(unknown)}; it takes "

@@ -383,7 +383,7 @@ def _block_stat_torch(q, k, lse, *, block_m, scale, mode, precision, threshold):
 
 
 def block_stat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_m: int, scale: float, mode: str,
-               backend: str, precision: str = "exact", threshold: float | None = None,
+               impl: str, precision: str = "exact", threshold: float | None = None,
                launch: dict | None = None, kernel: str = "auto") -> torch.Tensor:
     """Per (query block, key) statistic of the softmax probabilities of one chunk of heads.
 
@@ -394,23 +394,23 @@ def block_stat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_m: 
             docstring), or ``"words"``: int32 ``[n, ceil(Sq / block_m), ceil(Sk / 32)]``, bit set where the
             block's max probability exceeds ``threshold``.
         precision: ``"exact"`` (q k^T in the input dtype) or ``"fp8"`` (e4m3 tensor cores; see above).
-        backend: ``"triton"`` (CUDA, or the interpreter) or ``"torch"``.
+        impl: ``"kernels"`` (fgattn's Triton/CUDA kernels: CUDA tensors, or the interpreter) or ``"torch"``.
         launch: Triton launch overrides ``{"tile_n", "num_warps", "num_stages", "pair"}`` (benchmarks; ``pair``:
             a program handles two query blocks of at most 128 rows, sharing the key tiles it loads). Given,
             even empty, it selects the Triton kernel.
         kernel: ``"auto"`` (the CUDA kernel where ``cuda_kernel_applies`` and ``launch`` is None, else
             Triton), ``"triton"``, or ``"cuda"`` (``templates/cuda/block_stat_fp8.cu``; raises where it does
-            not apply). Only the ``"triton"`` backend has kernels.
+            not apply). Only the ``"kernels"`` impl has kernels.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
-    cuda_ok = backend == "triton" and cuda_kernel_applies(q, block_m=block_m, mode=mode, precision=precision)
+    cuda_ok = impl == "kernels" and cuda_kernel_applies(q, block_m=block_m, mode=mode, precision=precision)
     if kernel == "cuda" and not cuda_ok:
-        raise ValueError("kernel='cuda': the CUDA statistics kernel needs backend 'triton', a Hopper GPU "
+        raise ValueError("kernel='cuda': the CUDA statistics kernel needs impl 'kernels', a Hopper GPU "
                          "(sm_90), precision 'fp8', mode 'words', block_m 128 and D in (64, 128)")
     if kernel == "cuda" or (kernel == "auto" and cuda_ok and launch is None):
         return _block_stat_cuda(q, k, lse, scale=scale, threshold=threshold)
-    if backend == "torch":
+    if impl == "torch":
         return _block_stat_torch(q, k, lse, block_m=block_m, scale=scale, mode=mode, precision=precision,
                                  threshold=threshold)
     return _block_stat_triton(q, k, lse, block_m=block_m, scale=scale, mode=mode, precision=precision,

@@ -11,7 +11,7 @@ from ..environment import interpreting
 from ..variant import HEAD_DIMS
 
 PREDICTOR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-BACKENDS = ("triton", "torch")
+IMPLS = ("kernels", "torch")  # fgattn's Triton/CUDA kernels, or torch ops
 
 
 def _is_int(value) -> bool:
@@ -143,12 +143,13 @@ def check_search_iters(search_iters) -> int:
     return search_iters
 
 
-def resolve_backend(backend, device: torch.device) -> str:
-    """``"triton"`` (CUDA tensors, or TRITON_INTERPRET=1) or ``"torch"``; None picks Triton where it runs."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+def resolve_impl(impl, device: torch.device) -> str:
+    """``"kernels"`` (fgattn's Triton/CUDA kernels: CUDA tensors, or TRITON_INTERPRET=1) or ``"torch"`` (torch
+    ops); None picks the kernels where they run."""
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS} or None, got {impl!r}")
     runs_kernels = device.type == "cuda" or interpreting()
-    if backend == "triton" and not runs_kernels:
-        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+    if impl == "kernels" and not runs_kernels:
+        raise ValueError(f"impl: 'kernels' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                          f"q is on {device}")
-    return backend or ("triton" if runs_kernels else "torch")
+    return impl or ("kernels" if runs_kernels else "torch")

@@ -54,7 +54,7 @@ def _group_keys(stat: torch.Tensor, block_n: int, reduce: str) -> torch.Tensor:
     return padded.amax(-1) if reduce == "max" else torch.logsumexp(padded, -1)
 
 
-def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, block_m: int, backend: str,
+def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, block_m: int, impl: str,
                      words_only: bool = False) -> int:
     """Heads per statistics launch under ``workspace_budget()``. ``words_only`` (threshold rule, key groups
     of 1): no fp32 statistic, only the words and the operands' copies (fp32 bound, padding included)."""
@@ -63,7 +63,7 @@ def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, block_m: int, b
         per_head = 4 * n_qblocks * -(-seq_k // 32) + 4 * (seq_q + seq_k + 512) * d + 16 * seq_q
     else:
         per_head = 4 * (2 * n_qblocks * seq_k + 2 * (seq_q + seq_k) * d)
-    if backend == "torch":
+    if impl == "torch":
         per_head += 8 * seq_q * seq_k  # fp32 score matrix and its padded copy
     return max(1, min(heads, workspace_budget() // per_head))
 
@@ -72,7 +72,7 @@ def exact_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: in
                threshold: float | None = None, top_p: float | None = None,
                keep_keys: tuple[int, int] | list[tuple[int, int]] | None = None, local_window: int | None = None,
                scale: float | None = None, score_precision: str = "auto", search_iters: int = 14,
-               backend: str | None = None, dense_backend: str | None = None) -> tuple[torch.Tensor, KeySet]:
+               impl: str | None = None, dense_backend: str | None = None) -> tuple[torch.Tensor, KeySet]:
     """Dense attention output and the exact mask of its probabilities (see the module docstring).
 
     Args:
@@ -88,7 +88,8 @@ def exact_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: in
             cores, CUDA sm89+ or the interpreter), or ``"auto"`` (fp8 where the GPU has it, see
             ``resolve_precision``). The output is always the exact dense output.
         search_iters: bisection steps of the top-p threshold search.
-        backend: statistics pass: ``"triton"``, ``"torch"`` or None (Triton where it runs).
+        impl: statistics pass: ``"kernels"`` (fgattn's Triton/CUDA kernels), ``"torch"`` or None (the kernels
+            where they run).
         dense_backend: SDPA kernel of the dense pass (``dense.DENSE_BACKENDS``), None for the fastest.
     Returns:
         out ``[B, H, Sq, D]`` in q's dtype, and KeySet ``[B, H, ceil(Sq / block_m), ceil(Sk / block_n)]``.
@@ -109,7 +110,7 @@ def exact_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: in
     local_window = checks.check_local_window(local_window)
     scale = checks.check_scale(scale, d)
     search_iters = checks.check_search_iters(search_iters)
-    backend = checks.resolve_backend(backend, q.device)
+    impl = checks.resolve_impl(impl, q.device)
     precision = resolve_precision(score_precision, q)
 
     out, lse = dense_attention_with_lse(q, k, v, scale, backend=dense_backend)
@@ -117,16 +118,16 @@ def exact_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: in
     if top_p is not None and keeps_every_key(top_p):
         return out, KeySet(full_bits(b, h, n_qblocks, n_kblocks, q.device), n_kblocks, block_m, block_n)
     bits = torch.empty(b, h, n_qblocks, -(-n_kblocks // 32), dtype=torch.int32, device=q.device)
-    chunk = _heads_per_chunk(h, seq_q, seq_k, d, block_m, backend, words_only=top_p is None and block_n == 1)
+    chunk = _heads_per_chunk(h, seq_q, seq_k, d, block_m, impl, words_only=top_p is None and block_n == 1)
     for bi in range(b):
         for h0 in range(0, h, chunk):
             heads = slice(h0, min(h, h0 + chunk))
             args = (q[bi, heads], k[bi, heads], lse[bi, heads])
-            opts = dict(block_m=block_m, scale=scale, precision=precision, backend=backend)
+            opts = dict(block_m=block_m, scale=scale, precision=precision, impl=impl)
             if top_p is not None:
                 mass = _group_keys(block_stat(*args, mode="mean", **opts), block_n, "sum")
                 words = top_p_words(mass, top_p, rows_per_block=1, n_blocks=n_qblocks, iters=search_iters,
-                                    backend=backend)
+                                    impl=impl)
             elif block_n == 1:
                 words = block_stat(*args, mode="words", threshold=threshold, **opts)
             else:

@@ -43,10 +43,10 @@ def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, pool: int, bloc
     return max(1, min(heads, workspace_budget() // per_head))
 
 
-def _score_bytes(threshold_rule: bool, query_variance: bool, backend: str, rows_per_block: int) -> int:
+def _score_bytes(threshold_rule: bool, query_variance: bool, impl: str, rows_per_block: int) -> int:
     """Workspace per pooled score: fp32 scores (twice with the variance term), plus 10 bytes for the torch
     threshold rule's bool masks and packed bits; none for the fused threshold kernel."""
-    if threshold_rule and runs_fused(backend, rows_per_block):
+    if threshold_rule and runs_fused(impl, rows_per_block):
         return 0
     return 4 + 4 * query_variance + 10 * threshold_rule
 
@@ -56,7 +56,7 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
                  sim_threshold: float = 0.6, pool: int | None = None,
                  keep_keys: tuple[int, int] | list[tuple[int, int]] | None = None,
                  local_window: int | None = None, scale: float | None = None, search_iters: int = 14,
-                 query_variance: bool = False, backend: str | None = None) -> KeySet:
+                 query_variance: bool = False, impl: str | None = None) -> KeySet:
     """Predict each query block's keys from pooled queries (see the module docstring).
 
     Args:
@@ -77,8 +77,8 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
         search_iters: bisection steps of the top-p threshold search (``threshold`` module).
         query_variance: add the groups' variance term to the pooled logits (module docstring); one more
             ``[G, D] x [D, Gk]`` product.
-        backend: ``"triton"`` (CUDA, or CPU with TRITON_INTERPRET=1), ``"torch"``, or None (Triton when it
-            can run, else torch).
+        impl: ``"kernels"`` (fgattn's Triton/CUDA kernels: CUDA, or CPU with TRITON_INTERPRET=1), ``"torch"``
+            (torch ops), or None (the kernels where they run, else torch).
     Returns:
         KeySet ``[B, H, ceil(Sq / block_m), ceil(Sk / block_n)]`` on q's device.
     """
@@ -96,7 +96,7 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
     pool = checks.check_pool(pool, block_m)
     search_iters = checks.check_search_iters(search_iters)
     query_variance = checks.check_bool(query_variance, "query_variance")
-    backend = checks.resolve_backend(backend, q.device)
+    impl = checks.resolve_impl(impl, q.device)
     b, h, seq_q, d = q.shape
     seq_k = k.shape[2]
     keep_keys = checks.check_keep_keys(keep_keys, seq_k)
@@ -108,7 +108,7 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
     groups_per_block = block_m // pool
     bits = torch.empty(b, h, n_qblocks, -(-n_kblocks // 32), dtype=torch.int32, device=q.device)
     chunk = _heads_per_chunk(h, seq_q, seq_k, d, pool, block_m, block_n,
-                             score_bytes=_score_bytes(threshold is not None, query_variance, backend,
+                             score_bytes=_score_bytes(threshold is not None, query_variance, impl,
                                                       groups_per_block),
                              # pooled keys and their dtype copy; fp32 keys and their squares (torch paths)
                              key_copies=2 * (block_n > 1) + 2 * query_variance)
@@ -117,22 +117,22 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
             heads = slice(h0, min(h, h0 + chunk))
             q_var = None
             if query_variance:
-                q_mean, similarity, q_var = group_mean_similarity_variance(q[bi, heads], pool, backend=backend)
+                q_mean, similarity, q_var = group_mean_similarity_variance(q[bi, heads], pool, impl=impl)
             else:
-                q_mean, similarity = group_mean_and_similarity(q[bi, heads], pool, backend=backend)
-            k_mean = k[bi, heads] if block_n == 1 else group_mean(k[bi, heads], block_n, backend=backend)
+                q_mean, similarity = group_mean_and_similarity(q[bi, heads], pool, impl=impl)
+            k_mean = k[bi, heads] if block_n == 1 else group_mean(k[bi, heads], block_n, impl=impl)
             dissimilar = torch.nn.functional.pad(similarity < sim_threshold,
                                                  (0, n_qblocks * groups_per_block - similarity.shape[-1]))
             gate = dissimilar.view(-1, n_qblocks, groups_per_block).any(-1)
             if threshold is not None:
                 bits[bi, heads] = pooled_threshold_words(q_mean, k_mean, scale, threshold,
                                                          rows_per_block=groups_per_block, n_blocks=n_qblocks,
-                                                         backend=backend, dtype=q.dtype, q_var=q_var,
+                                                         impl=impl, dtype=q.dtype, q_var=q_var,
                                                          keep_all=gate)
             else:
                 scores = pooled_scores(q_mean, k_mean, scale, q.dtype, q_var=q_var)
                 bits[bi, heads] = top_p_words(scores, top_p, rows_per_block=groups_per_block, n_blocks=n_qblocks,
-                                              iters=search_iters, backend=backend, keep_all=gate)
+                                              iters=search_iters, impl=impl, keep_all=gate)
     extra = always_keep_words(seq_q=seq_q, seq_k=seq_k, block_m=block_m, block_n=block_n, keep_keys=keep_keys,
                               local_window=local_window, device=q.device)
     if extra is not None:

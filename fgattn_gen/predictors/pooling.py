@@ -83,35 +83,35 @@ def _group_stats_triton(x: torch.Tensor, size: int, with_sim: bool, with_var: bo
     return mean, similarity if with_sim else None, variance if with_var else None
 
 
-def group_mean(x: torch.Tensor, size: int, *, backend: str) -> torch.Tensor:
+def group_mean(x: torch.Tensor, size: int, *, impl: str) -> torch.Tensor:
     """Mean of each run of ``size`` consecutive tokens.
 
     Args:
-        x: ``[n, S, D]``, any float dtype, last dim contiguous (D a power of two for the Triton backend).
+        x: ``[n, S, D]``, any float dtype, last dim contiguous (D a power of two for the Triton impl).
         size: tokens per group; the last group may be shorter.
-        backend: ``"triton"`` (CUDA, or the interpreter) or ``"torch"``.
+        impl: ``"kernels"`` (fgattn's Triton/CUDA kernels: CUDA tensors, or the interpreter) or ``"torch"``.
     Returns:
         fp32 ``[n, ceil(S / size), D]``.
     """
-    impl = _group_stats_triton if backend == "triton" else _group_stats_torch
-    return impl(x, size, False, False)[0]
+    stats_fn = _group_stats_triton if impl == "kernels" else _group_stats_torch
+    return stats_fn(x, size, False, False)[0]
 
 
-def group_mean_and_similarity(x: torch.Tensor, size: int, *, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def group_mean_and_similarity(x: torch.Tensor, size: int, *, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Group means (as ``group_mean``) and each group's mean cosine similarity of its tokens to the mean.
 
     Returns:
         mean fp32 ``[n, G, D]`` and similarity fp32 ``[n, G]`` in [-1, 1] (zero vectors count as 0).
     """
-    impl = _group_stats_triton if backend == "triton" else _group_stats_torch
-    return impl(x, size, True, False)[:2]
+    stats_fn = _group_stats_triton if impl == "kernels" else _group_stats_torch
+    return stats_fn(x, size, True, False)[:2]
 
 
 def group_mean_similarity_variance(x: torch.Tensor, size: int, *,
-                                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As ``group_mean_and_similarity``, plus each group's per-dim population variance fp32 ``[n, G, D]``."""
-    impl = _group_stats_triton if backend == "triton" else _group_stats_torch
-    return impl(x, size, True, True)
+    stats_fn = _group_stats_triton if impl == "kernels" else _group_stats_torch
+    return stats_fn(x, size, True, True)
 
 
 def pooled_scores(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float, dtype: torch.dtype, *,

@@ -118,34 +118,34 @@ def _words_torch(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_bloc
     return pack_mask(keep.view(n, n_blocks, rows_per_block, n_keys).any(2))
 
 
-def runs_fused(backend: str, rows_per_block: int) -> bool:
+def runs_fused(impl: str, rows_per_block: int) -> bool:
     """Whether ``pooled_threshold_words`` runs the fused kernel (no score matrix in memory): the Triton
-    backend and a power-of-two ``rows_per_block`` (the kernel reshapes by it); else the torch rule."""
-    return backend == "triton" and rows_per_block & (rows_per_block - 1) == 0
+    impl and a power-of-two ``rows_per_block`` (the kernel reshapes by it); else the torch rule."""
+    return impl == "kernels" and rows_per_block & (rows_per_block - 1) == 0
 
 
 def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float, threshold: float, *,
-                           rows_per_block: int, n_blocks: int, backend: str, dtype: torch.dtype,
+                           rows_per_block: int, n_blocks: int, impl: str, dtype: torch.dtype,
                            q_var: torch.Tensor | None = None, keep_all: torch.Tensor | None = None) -> torch.Tensor:
     """KeySet words of the key groups whose pooled probability exceeds ``threshold`` for some pooled row of
     the block (module docstring); no host sync.
 
     Args:
-        q_mean: fp32 ``[n, G, D]`` pooled queries (D a power of two for the Triton backend).
+        q_mean: fp32 ``[n, G, D]`` pooled queries (D a power of two for the Triton impl).
         k_mean: ``[n, Gk, D]`` keys or pooled keys, last dim contiguous.
         scale: softmax scale; threshold: probability in (0, 1].
         rows_per_block: pooled rows per KeySet query block (block i owns rows ``[i * rpb, (i + 1) * rpb)``);
             the fused kernel takes powers of two, other values run the torch rule.
         n_blocks: KeySet query blocks, ``>= ceil(G / rows_per_block)``.
-        backend: ``"triton"`` (CUDA, or the interpreter) or ``"torch"``.
+        impl: ``"kernels"`` (fgattn's Triton/CUDA kernels: CUDA tensors, or the interpreter) or ``"torch"``.
         dtype: operand dtype of the score products (the inputs'; fp32 accumulation).
         q_var: optional fp32 ``[n, G, D]`` per-dim variance of each pooled row's queries (the variance term).
         keep_all: optional bool ``[n, n_blocks]``: these blocks keep every key group.
     Returns:
         int32 ``[n, n_blocks, ceil(Gk / 32)]``.
     """
-    impl = _words_triton if runs_fused(backend, rows_per_block) else _words_torch
-    words = impl(q_mean, k_mean, q_var, scale, float(threshold), rows_per_block, n_blocks, dtype)
+    words_fn = _words_triton if runs_fused(impl, rows_per_block) else _words_torch
+    words = words_fn(q_mean, k_mean, q_var, scale, float(threshold), rows_per_block, n_blocks, dtype)
     if keep_all is not None:
         words = torch.where(keep_all[..., None], full_row_words(k_mean.shape[1], k_mean.device), words)
     return words

@@ -198,7 +198,7 @@ def _top_p_words_torch(scores: torch.Tensor, top_p: float, rows_per_block: int, 
 
 
 def top_p_words(scores: torch.Tensor, top_p: float, *, rows_per_block: int, n_blocks: int, iters: int,
-                backend: str, keep_all: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
+                impl: str, keep_all: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
     """KeySet words of the top-p keys of each row, OR-ed over each block's rows (no host sync).
 
     Args:
@@ -207,7 +207,7 @@ def top_p_words(scores: torch.Tensor, top_p: float, *, rows_per_block: int, n_bl
         rows_per_block: rows per block; block i owns rows ``[i * rows_per_block, (i + 1) * rows_per_block)``.
         n_blocks: number of blocks, ``>= ceil(R / rows_per_block)`` (blocks past the rows stay empty).
         iters: bisection steps (resolution of the threshold, see the module docstring).
-        backend: ``"triton"`` (CUDA, or the interpreter) or ``"torch"``.
+        impl: ``"kernels"`` (fgattn's Triton/CUDA kernels: CUDA tensors, or the interpreter) or ``"torch"``.
         keep_all: optional bool ``[n, n_blocks]``: these blocks keep every key (the CUDA kernel skips
             their search).
         num_warps: Triton launch override (benchmarks; it selects the Triton kernel on the GPU too); default
@@ -216,12 +216,12 @@ def top_p_words(scores: torch.Tensor, top_p: float, *, rows_per_block: int, n_bl
         int32 ``[n, n_blocks, ceil(n_keys / 32)]``.
     """
     n, _, n_keys = scores.shape
-    if backend == "triton" and scores.is_cuda and n_keys <= CUDA_RESIDENT_KEYS and num_warps is None:
+    if impl == "kernels" and scores.is_cuda and n_keys <= CUDA_RESIDENT_KEYS and num_warps is None:
         if keep_all is None:
             keep_all = torch.zeros(n, n_blocks, dtype=torch.bool, device=scores.device)
         return _top_p_words_cuda(scores.contiguous(), top_p, rows_per_block, n_blocks, iters,
                                  keep_all.contiguous())
-    if backend == "triton":
+    if impl == "kernels":
         words = _top_p_words_triton(scores, top_p, rows_per_block, n_blocks, iters, num_warps)
     else:
         words = _top_p_words_torch(scores, top_p, rows_per_block, n_blocks, iters)
