@@ -192,7 +192,7 @@ def test_query_order(gen):
     from fgattn_gen import KeySet
     q, k = randn(gen, 1, 2, 48, 64), randn(gen, 1, 2, 50, 64)
     plain = random_keys(gen, 1, 2, 48, 50, 16, 1)
-    order = torch.stack([torch.randperm(48, generator=gen) for _ in range(2)])[None]
+    order = torch.stack([torch.randperm(48, generator=gen) for _ in range(2)])[None].to(q.device)
     ordered = KeySet(plain.bits, plain.n_kblocks, 16, 1, query_order=order)
     gathered = q.gather(2, order[..., None].expand(-1, -1, -1, 64))
     torch.testing.assert_close(captured_mass(q, k, ordered, samples=16),

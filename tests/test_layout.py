@@ -51,8 +51,9 @@ def test_public_modules_are_attributes(tmp_path):
 
 
 def test_wheel_installs_and_serves(tmp_path):
-    """``pip wheel`` of the checkout, installed into a directory away from it: attention() runs in Triton's
-    interpreter and the shipped H200 tuned files are served (the CUDA variant they name, not the default)."""
+    """``pip wheel`` of the checkout, installed into a directory away from it: attention() runs (on the GPU, or
+    in Triton's interpreter without one) and the shipped H200 tuned files are served (the CUDA variant they
+    name, not the default)."""
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools in this Python")
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
@@ -66,15 +67,17 @@ def test_wheel_installs_and_serves(tmp_path):
         import torch, fgattn_gen
         from fgattn_gen import KeySet, attention, reference_attention, registry
         print(fgattn_gen.__file__)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, 2, 45, 64, generator=gen).to(torch.float16) for _ in range(3))
-        keys = KeySet.from_mask(torch.rand(1, 2, 3, 45, generator=gen) < 0.5, block_m=16)
+        q, k, v = (torch.randn(1, 2, 45, 64, generator=gen).to(device, torch.float16) for _ in range(3))
+        keys = KeySet.from_mask((torch.rand(1, 2, 3, 45, generator=gen) < 0.5).to(device), block_m=16)
         err = (attention(q, k, v, keys).float() - reference_attention(q, k, v, keys)).abs().max().item()
         print(err)
         for density in (1.0, 0.1):
             print(registry.lookup(device="NVIDIA H200", dtype=torch.bfloat16, head_dim=128, seq_q=119056,
                                   seq_k=119056, density=density).key)
-    """, cwd=tmp_path, path=site, TRITON_INTERPRET="1", FGATTN_CACHE_DIR=str(tmp_path / "cache"))
+    """, cwd=tmp_path, path=site, FGATTN_CACHE_DIR=str(tmp_path / "cache"),
+        **({} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}))
     location, err, dense_key, sparse_key = out.split()
     assert Path(location).is_relative_to(site)
     assert float(err) < 2e-2

@@ -50,9 +50,17 @@ def _row_mass_kernel(QR, K, BITS, ROW_BLOCK, OUT, stride_qn, stride_qr, stride_k
         else:
             s = tl.dot(q, kt)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-        kblock = offs_k // KEY_GRAN
-        words = tl.load(word_row[:, None] + (kblock // 32)[None, :], mask=row_ok[:, None] & valid[None, :], other=0)
-        selected = ((words >> (kblock % 32)[None, :]) & 1) != 0
+        if KEY_GRAN == 1:  # one word holds 32 consecutive keys: load BLOCK_K / 32 words per row, unpack the bits
+            offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            words = tl.load(word_row[:, None] + offs_w[None, :], mask=row_ok[:, None] & (offs_w < n_words)[None, :],
+                            other=0)
+            bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+            selected = tl.reshape(bits, [BLOCK_R, BLOCK_K]) != 0
+        else:
+            kblock = offs_k // KEY_GRAN
+            words = tl.load(word_row[:, None] + (kblock // 32)[None, :], mask=row_ok[:, None] & valid[None, :],
+                            other=0)
+            selected = ((words >> (kblock % 32)[None, :]) & 1) != 0
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.math.exp2(m - m_new)
         p = tl.math.exp2(s - m_new[:, None])

@@ -37,21 +37,23 @@ def cluster_order(q: torch.Tensor, *, tokens_per_cluster: int = 256, steps: int 
     b, h, seq, d = q.shape
     n_clusters = max(1, seq // tokens_per_cluster)
     x = q.reshape(b * h, seq, d)
-    dot_dtype = q.dtype if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    on_tensor_cores = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
     order = torch.empty(b * h, seq, dtype=torch.int64, device=q.device)
     chunk = max(1, workspace_budget() // max(1, seq * n_clusters * _BYTES_PER_SCORE))
     position = torch.arange(seq, device=q.device)
     for start in range(0, b * h, chunk):
-        xs = x[start:start + chunk].float()
-        xs = xs / xs.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        points = xs.to(dot_dtype)
-        centroids = xs[:, position[:n_clusters] * seq // n_clusters]
-        few, few_points = xs[:, ::subsample], points[:, ::subsample]
+        # the assignment argmax_c x . c does not depend on |x|: the points are used as they are
+        points = x[start:start + chunk] if on_tensor_cores else x[start:start + chunk].float()
+        centroids = _unit(points[:, position[:n_clusters] * seq // n_clusters].float())
+        few = points[:, ::subsample]
         for _step in range(steps):
-            assign = torch.matmul(few_points, centroids.to(dot_dtype).transpose(1, 2)).argmax(-1)  # [n, S/sub]
-            sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, d), few)
-            norms = sums.norm(dim=-1, keepdim=True)
-            centroids = torch.where(norms > 0, sums / norms.clamp_min(1e-12), centroids)
-        assign = torch.matmul(points, centroids.to(dot_dtype).transpose(1, 2)).argmax(-1)  # [n, S]
+            assign = torch.matmul(few, centroids.to(points.dtype).transpose(1, 2)).argmax(-1)  # [n, S/sub]
+            sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, d), few.float())
+            centroids = torch.where(sums.norm(dim=-1, keepdim=True) > 0, _unit(sums), centroids)
+        assign = torch.matmul(points, centroids.to(points.dtype).transpose(1, 2)).argmax(-1)  # [n, S]
         order[start:start + chunk] = (assign * seq + position).argsort(-1)
     return order.view(b, h, seq)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
