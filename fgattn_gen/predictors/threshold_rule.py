@@ -12,7 +12,6 @@ CPU without the interpreter: the same rule in torch ops on the materialised scor
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -93,12 +92,6 @@ def _pooled_threshold_kernel(QM, QV, K, WORDS, stride_qn, stride_qg, stride_kn, 
         tl.store(out + offs_w[None, :], words, mask=(offs_b < n_blocks)[:, None] & (offs_w < n_words)[None, :])
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (0 in the interpreter: no row-tile shrinking there)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-
-
 def _words_triton(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blocks, dtype):
     n, groups, d = q_mean.shape
     n_keys = k_mean.shape[1]
@@ -106,9 +99,6 @@ def _words_triton(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blo
     words = torch.zeros(n, n_blocks, n_words, dtype=torch.int32, device=q_mean.device)
     k_mean = k_mean.to(dtype) if dtype != torch.float32 else k_mean.float()
     block_g, block_k, num_warps, num_stages = _LAUNCH[q_var is not None]
-    # few pooled rows (pool = block_m: one per block) would leave SMs idle: smaller row tiles, more programs
-    while block_g > max(32, rows_per_block) and triton.cdiv(groups, block_g) * n < 2 * _sm_count(q_mean.device):
-        block_g //= 2
     block_g = max(block_g, rows_per_block)
     grid = (triton.cdiv(groups, block_g), n)
     _pooled_threshold_kernel[grid](
