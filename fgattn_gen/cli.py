@@ -4,7 +4,9 @@
     fgattn-tune --model my_model.yaml --gpus 0,1,2,3     # a custom model spec, one worker per GPU
     fgattn-tune --model wan-1.3b --interpret --trials 4  # CPU: the whole pipeline through Triton's interpreter
 
-Studies are kept in ``<out>/.studies/<gpu-slug>/<model>.journal`` (or ``--storage``): rerunning resumes them.
+Studies are kept in ``<out>/.studies/<gpu-slug>/<model>.journal`` (or ``--storage``): rerunning resumes them,
+also after the process was killed (its unfinished trials run again); a damaged journal is reported with
+``--repair`` as the way out.
 Exit codes: 0 ok; 1 a (shape, density) found no correct variant, or a worker failed; 2 bad arguments,
 unknown model, malformed model spec, bad ``--storage``, or no CUDA GPU without ``--interpret`` (in these
 cases nothing is written).
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kernels to search: auto (default: Triton, and the CUDA kernel too on an sm_80+ GPU), "
                              "triton, cuda, or all (both in one study, the fastest wins)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default 0); varied per --gpus worker and per resumed run")
+    parser.add_argument("--repair", action="store_true",
+                        help="a study journal with a truncated or garbage line: copy it to <journal>.bak-<time> "
+                             "and cut it before that line, then resume (trials recorded after it run again)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -108,7 +113,7 @@ def _use_interpreter(argv: list[str]) -> None:
 
 
 def _usage_error(message: str) -> int:
-    print(f"fgattn-tune: error: {message}", file=sys.stderr)
+    print(f"fgattn-tune: error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
 
 
@@ -162,13 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model if args.model in preset_names() else str(Path(args.model).resolve()),
         trials=args.trials, timeout=args.timeout, out=args.out, densities=args.densities, sampler=args.sampler,
         exhaustive_below=args.exhaustive_below, storage=args.storage, gpus=args.gpus, plot=args.plot,
-        interpret=args.interpret, seed=args.seed, worker=args.worker, backend=args.backend,
+        interpret=args.interpret, seed=args.seed, worker=args.worker, backend=args.backend, repair=args.repair,
     )
     console = Console()
     try:
         return tune_model(options, console)
     except EmptySpaceError as exc:  # raised before anything is written
         return _usage_error(f"model {model.name}: {exc}")
+    except StorageError as exc:  # a damaged journal, a database that cannot be opened: before any trial
+        return _usage_error(str(exc))
     except RuntimeError as exc:  # a failed worker, or a CUDA error that poisons this process
         console.print(f"[red]fgattn-tune: {model.name}: {exc}[/red]\nrerun the same command to resume the studies")
         return 1

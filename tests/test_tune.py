@@ -325,9 +325,9 @@ def test_heads_for_tuning_fill_the_gpu():
     assert heads_for_tuning(2, 3, h100_sms) == 2
 
 
-def test_storage_urls():
+def test_storage_urls(tmp_path):
     assert parse_storage("journal:/tmp/x.journal").kind == "journal"
-    for url in ("sqlite:///tmp/x.db", "postgresql://u@h/db", "postgresql+psycopg2://u@h/db", "mysql://u@h/db"):
+    for url in (f"sqlite:///{tmp_path}/x.db", "postgresql://u@h/db", "postgresql+psycopg2://u@h/db", "mysql://u@h/db"):
         assert parse_storage(url).kind == "rdb"
     for url in ("journal:", "sqlite://relative.db", "redis://h", "/tmp/x.journal"):
         with pytest.raises(StorageError):

@@ -27,9 +27,10 @@ from .peers import measure_peers
 from .plot import save_history
 from .report import progress_bar, summary_tables
 from .space import SearchSpace, build_space
-from .storage import StorageSpec, default_journal, open_storage, parse_storage, studies_dir
-from .study import (FINISHED, finished_trials, is_exhaustive, open_study, run_study, study_name,
-                    trial_budget)
+from .storage import (StorageError, StorageLease, StorageSpec, default_journal, open_storage, parse_storage,
+                      repair_journal, studies_dir)
+from .study import (FINISHED, finished_trials, is_exhaustive, open_study, recover_stale_trials, run_study,
+                    study_name, trial_budget)
 from .workers import run_workers
 from .workload import MeasuredShape, build_workload, measured_shape
 
@@ -62,7 +63,16 @@ class _Run:
                                               smem_limit=self.device.smem_limit)
         self.storage_spec: StorageSpec = (parse_storage(options.storage) if options.storage
                                           else default_journal(options.out, self.device.slug, m.name))
-        self.storage = open_storage(self.storage_spec)
+        if self.storage_spec.local_file is not None:
+            self.storage_spec.local_file.parent.mkdir(parents=True, exist_ok=True)
+        self.lease = StorageLease(self.storage_spec)  # held while this process lives (recover_stale_trials)
+        try:
+            if options.repair:
+                self._repair()
+            self.storage = open_storage(self.storage_spec)
+        except BaseException:
+            self.lease.close()
+            raise
         self.sampler_seed = options.seed + WORKER_SEED_STRIDE * (options.worker or 0)
         self.exhaustive = is_exhaustive(options.sampler, len(self.space), options.exhaustive_below, options.trials)
         self.budget = trial_budget(options.trials, len(self.space), self.exhaustive)
@@ -73,6 +83,32 @@ class _Run:
             for density in options.densities or m.densities:
                 name = study_name(self.device.slug, m.name, shape.name, measured, density, self.space.hash)
                 self.plans.append(StudyPlan(shape, density, measured, name))
+
+    def _repair(self) -> None:
+        """``--repair``: cut a damaged journal before its first bad line (after a backup), only when no other
+        process uses it."""
+        if self.storage_spec.kind != "journal":
+            raise StorageError(f"--repair: only a journal file can be repaired, not {self.storage_spec.url}")
+        if not self.lease.alone():
+            raise StorageError(f"--repair: another process is using {self.storage_spec.target}; "
+                               f"repair it when that process has ended")
+        try:
+            repaired = repair_journal(self.storage_spec.target)
+        finally:
+            self.lease.shared()
+        if repaired is None:
+            self.console.print(f"--repair: {self.storage_spec.target} reads back whole; nothing to repair")
+        else:
+            backup, dropped = repaired
+            self.console.print(f"[yellow]--repair: cut {self.storage_spec.target} before its first bad line "
+                               f"({dropped} line(s) dropped); the whole file is kept in {backup}")
+
+    def recover(self, study: optuna.Study) -> None:
+        """Fail the trials of dead processes (``study.recover_stale_trials``); their variants run again."""
+        stale = recover_stale_trials(study, self.lease)
+        if stale:
+            self.console.print(f"[yellow]{study.study_name}: trial(s) {', '.join(map(str, stale))} of a process "
+                               f"that died were left RUNNING; marked FAIL, their variants run again")
 
     def study(self, plan: StudyPlan) -> optuna.Study:
         return open_study(self.storage, plan.name, exhaustive=self.exhaustive, seed=self.sampler_seed)
@@ -97,6 +133,7 @@ def _tune_in_process(run: _Run, progress=None, task=None) -> None:
         if progress is not None:
             progress.update(task, description=f"{m.name} {plan.shape.name} density={plan.density:g}")
         study = run.study(plan)
+        run.recover(study)
         workload = build_workload(m, plan.measured, plan.density, run.device)
         run_study(study, run.space, VariantObjective(run.space, workload, run.time_fn), budget=run.budget,
                   timeout=run.options.timeout, first=first, callbacks=(advance,))
@@ -117,7 +154,7 @@ def _tune(run: _Run) -> None:
             _tune_in_process(run, progress, task)
             return
         for plan in run.plans:  # create every study before the workers race to
-            run.study(plan)
+            run.recover(run.study(plan))
         log_dir = studies_dir(run.options.out, run.device.slug) / "logs"
         progress.update(task, description=f"{run.model.name} on GPUs {','.join(map(str, run.options.gpus))}")
         results = run_workers(run.options, run.storage_spec.url, log_dir,
@@ -179,12 +216,16 @@ def _export(run: _Run) -> int:
 def tune_model(options: TuneOptions, console: Console) -> int:
     """Run ``fgattn-tune`` for ``options``; returns the exit code (0 ok, 1 a study found no correct variant).
 
-    Raises ModelSpecError / StorageError / EmptySpaceError for bad settings (before anything is written),
-    RuntimeError for failed workers."""
+    Raises ModelSpecError / StorageError / EmptySpaceError for bad settings (before any trial runs; a
+    StorageError also for a journal that cannot be replayed, naming ``--repair``), RuntimeError for failed
+    workers."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     run = _Run(options, console)
-    if options.worker is not None:
-        _tune_in_process(run)
-        return 0
-    _tune(run)
-    return _export(run)
+    try:
+        if options.worker is not None:
+            _tune_in_process(run)
+            return 0
+        _tune(run)
+        return _export(run)
+    finally:
+        run.lease.close()
