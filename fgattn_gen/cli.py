@@ -3,10 +3,12 @@
     fgattn-tune --model hunyuan                          # current GPU -> tuned/<gpu-slug>/hunyuan.yaml
     fgattn-tune --model my_model.yaml --gpus 0,1,2,3     # a custom model spec, one worker per GPU
     fgattn-tune --model wan-1.3b --interpret --trials 4  # CPU: the whole pipeline through Triton's interpreter
+                                                         # -> tuned-interpret/interpret/wan-1.3b.yaml
 
 Studies are kept in ``<out>/.studies/<gpu-slug>/<model>.journal`` (or ``--storage``): rerunning resumes them,
 also after the process was killed (its unfinished trials run again); a damaged journal is reported with
-``--repair`` as the way out.
+``--repair`` as the way out. ``--out`` defaults to ``tuned/`` and, with ``--interpret``, to
+``tuned-interpret/`` (both in the current directory), so a CPU run never writes into the shipped ``tuned/``.
 Exit codes: 0 ok; 1 a (shape, density) found no correct variant, or a worker failed; 2 bad arguments,
 unknown model, malformed model spec, bad ``--storage``, or no CUDA GPU without ``--interpret`` (in these
 cases nothing is written).
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trials", type=_positive(int), default=40,
                         help="finished trials per (shape, density), counted over reruns and workers (default 40)")
     parser.add_argument("--timeout", type=_positive(float), help="seconds per (shape, density) study and process")
-    parser.add_argument("--out", type=Path, default=Path("tuned"), help="output root (default tuned/)")
+    parser.add_argument("--out", type=Path, help="output root (default: tuned/ in the current directory; with "
+                             "--interpret tuned-interpret/, so that CPU runs never write into the shipped tuned/)")
     parser.add_argument("--densities", type=_density_list, help="comma-separated key densities, instead of the model's")
     parser.add_argument("--sampler", choices=("auto", "tpe", "exhaustive"), default="auto",
                         help="auto (default): exhaustive when the valid space has at most --exhaustive-below points "
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return _usage_error(f"tuning needs {' and '.join(missing)}: pip install 'fgattn[tune]'")
     if args.interpret and args.backend in ("cuda", "all"):
         return _usage_error(f"--backend {args.backend}: the CUDA kernel needs a GPU; the interpreter runs Triton only")
+    if args.out is None:
+        args.out = Path("tuned-interpret" if args.interpret else "tuned")
     if args.interpret:
         _use_interpreter(argv)
 

@@ -191,6 +191,43 @@ def test_other_densities_are_kept_in_the_tuned_file(tiny, tmp_path):
     assert sorted(e["density"] for e in load_tuned(tuned_file(out))["entries"]) == [0.5, 1.0]
 
 
+def test_corrupt_tuned_file_is_kept_aside_and_reported(tiny, tmp_path, capsys):
+    """An unreadable tuned file was silently overwritten (its other densities lost), in mode 0600."""
+    out = tmp_path / "out"
+    path = out / ("interpret" if not HAS_CUDA else "x") / "tiny.yaml"
+    if HAS_CUDA:
+        pytest.skip("the GPU's slug names the folder; the interpreter path checks the same code")
+    path.parent.mkdir(parents=True)
+    corrupt = "schema: 1\nentries: [unclosed\n"
+    path.write_text(corrupt)
+    old = os.umask(0o022)
+    try:
+        assert tune(tiny, out, "--trials", "1") == 0
+    finally:
+        os.umask(old)
+    (aside,) = path.parent.glob("tiny.yaml.corrupt-*")
+    assert re.fullmatch(r"tiny\.yaml\.corrupt-\d{8}T\d{6}Z", aside.name)
+    assert aside.read_text() == corrupt
+    printed = "".join(capsys.readouterr().out.split())  # rich wraps long paths
+    assert "cannotberead" in printed and "".join(str(aside).split()) in printed and str(path) in printed
+    assert [e["density"] for e in load_tuned(path)["entries"]] == [0.5]
+    assert path.stat().st_mode & 0o777 == 0o644  # the umask's mode, not mkstemp's 0600
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_interpret_runs_write_outside_the_shipped_tuned_dir(tiny, tmp_path, monkeypatch):
+    """bash scripts/tune.sh --model ... --interpret wrote tuned/interpret/ into the shipped tuned/."""
+    from fgattn_gen.environment import tuned_dir
+
+    shipped = sorted(p.relative_to(tuned_dir()) for p in tuned_dir().rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--model", str(tiny), "--interpret", "--backend", "triton", "--trials", "1"]) == 0
+    assert len(load_tuned(tmp_path / "tuned-interpret" / "interpret" / "tiny.yaml")["entries"]) == 1
+    assert not (tmp_path / "tuned").exists()
+    assert sorted(p.relative_to(tuned_dir()) for p in tuned_dir().rglob("*")) == shipped
+    assert "tuned-interpret/" in cli.build_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
 def test_plot_writes_png(tiny, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ..models import AttentionShape, ModelSpec, load_model
 from ..timing import time_ms
@@ -20,7 +21,7 @@ from ..tuned import write_tuned
 from ..variant import DTYPES, default_variant
 from .cpu_timing import wall_time_ms
 from .device import Device, detect_device, search_backends
-from .export import kept_entries, metadata, study_entry, tuned_document, tuned_path
+from .export import metadata, move_aside, previous_entries, study_entry, tuned_document, tuned_path
 from .objective import VariantObjective
 from .options import TuneOptions
 from .peers import measure_peers
@@ -97,17 +98,17 @@ class _Run:
         finally:
             self.lease.shared()
         if repaired is None:
-            self.console.print(f"--repair: {self.storage_spec.target} reads back whole; nothing to repair")
+            self.console.print(f"--repair: {escape(self.storage_spec.target)} reads back whole; nothing to repair")
         else:
             backup, dropped = repaired
-            self.console.print(f"[yellow]--repair: cut {self.storage_spec.target} before its first bad line "
-                               f"({dropped} line(s) dropped); the whole file is kept in {backup}")
+            self.console.print(f"[yellow]--repair: cut {escape(self.storage_spec.target)} before its first bad line "
+                               f"({dropped} line(s) dropped); the whole file is kept in {escape(str(backup))}")
 
     def recover(self, study: optuna.Study) -> None:
         """Fail the trials of dead processes (``study.recover_stale_trials``); their variants run again."""
         stale = recover_stale_trials(study, self.lease)
         if stale:
-            self.console.print(f"[yellow]{study.study_name}: trial(s) {', '.join(map(str, stale))} of a process "
+            self.console.print(f"[yellow]{escape(study.study_name)}: trial(s) {', '.join(map(str, stale))} of a process "
                                f"that died were left RUNNING; marked FAIL, their variants run again")
 
     def study(self, plan: StudyPlan) -> optuna.Study:
@@ -198,7 +199,20 @@ def _export(run: _Run) -> int:
             save_history(study, png, plan.name)
     path = tuned_path(run.options.out, run.device.slug, run.model.name)
     meta = metadata(run.model, run.device, run.space)
-    kept = kept_entries(path, meta, entries)
+    previous = previous_entries(path, meta, entries)
+    kept = previous.kept
+    if previous.unreadable:
+        why = escape(previous.unreadable)
+        if entries:
+            aside = move_aside(path)
+            run.console.print(f"[yellow]warning: the existing tuned file {escape(str(path))} cannot be read ({why}); "
+                              f"kept aside as {escape(str(aside))}, a new {escape(str(path))} is written")
+        else:
+            run.console.print(f"[yellow]warning: the existing tuned file {escape(str(path))} cannot be read ({why}); "
+                              f"left as it is (nothing new to write)")
+    elif previous.not_kept and entries:
+        run.console.print(f"[yellow]note: {escape(str(path))} was tuned with other settings "
+                          f"({escape(previous.not_kept)}); its entries are replaced by this run's")
     if entries or kept:
         write_tuned(path, tuned_document(meta, entries + kept))
     for table in summary_tables(run.model, run.space, entries, failures):
