@@ -87,6 +87,24 @@ def cache_dir() -> Path:
         return _CACHE_ROOTS[root]
 
 
+def writable_dir_problem(folder: Path, *, create: bool) -> str | None:
+    """Why files cannot be created in ``folder`` (None when they can). ``create``: the folder may be missing if
+    its first existing ancestor is a writable folder (nothing is created here)."""
+    folder = Path(folder).absolute()
+    probe = folder
+    while not probe.exists():
+        if not create:
+            return f"folder {folder} does not exist"
+        if probe.parent == probe:
+            return f"no existing folder above {folder}"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"folder {probe} is not writable"
+    return None
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

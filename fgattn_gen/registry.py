@@ -98,19 +98,31 @@ class Registry:
         self._warned: set[str] = set()
 
     def _files(self, gpu: str) -> list[Path]:
+        """The tuned YAMLs to read: regular files only (a FIFO or device named ``*.yaml`` would block or
+        never end when read: skipped with one warning); a search directory that does not exist or is not a
+        directory is reported once."""
         files = []
         for root in self.dirs:
             if root == SHIPPED:  # shipped files are sorted by GPU: only this GPU's folder applies
                 folder = root / gpu_slug(gpu)
-                files += sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+                found = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
             elif root.is_dir():
-                files += sorted(root.rglob("*.yaml"))
+                found = sorted(root.rglob("*.yaml"))
+            else:
+                why = "does not exist" if not root.exists() else "is not a directory"
+                self._warn_once(root, f"FGATTN_TUNED_PATH entry {why}", what="ignoring")
+                continue
+            for path in found:
+                if path.is_file():
+                    files.append(path)
+                elif path.exists():
+                    self._warn_once(path, "not a regular file (never opened)")
         return files
 
-    def _warn_once(self, path: Path, why: str) -> None:
+    def _warn_once(self, path: Path, why: str, what: str = "skipping") -> None:
         if str(path) not in self._warned:
             self._warned.add(str(path))
-            warnings.warn(f"fgattn registry: skipping {path}: {why}", stacklevel=3)
+            warnings.warn(f"fgattn registry: {what} {path}: {why}", stacklevel=4)
 
     def choices(self, gpu: str) -> list[TunedChoice]:
         """Every servable tuned choice for GPU name ``gpu`` (loaded once)."""

@@ -271,6 +271,43 @@ def test_bad_settings_exit_2_and_write_nothing(case, tiny, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["binary model", "model is a FIFO", "seed -5", "unwritable out", "sqlite folder missing",
+                                  "unwritable FGATTN_CACHE_DIR", "densities repeated", "storage is a folder"])
+def test_bad_option_or_file_exits_2_with_one_line(case, tiny, tmp_path, monkeypatch, capsys):
+    """Each was a raw traceback (UnicodeDecodeError, ValueError, PermissionError, OperationalError) or a hang."""
+    from conftest import unwritable_dir
+
+    monkeypatch.chdir(tmp_path)
+    out, extra, model = tmp_path / "out", [], str(tiny)
+    if case == "binary model":
+        tiny.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe\x00")
+        names = str(tiny)
+    elif case == "model is a FIFO":
+        model = str(tmp_path / "fifo.yaml")
+        os.mkfifo(model)
+        names = model
+    elif case == "seed -5":
+        extra, names = ["--seed", "-5"], "--seed"
+    elif case == "unwritable out":
+        out = unwritable_dir(tmp_path)
+        names = f"--out {out}"
+    elif case == "sqlite folder missing":
+        extra, names = ["--storage", "sqlite:///missing/dir/x.db"], "--storage sqlite:///missing/dir/x.db"
+    elif case == "unwritable FGATTN_CACHE_DIR":
+        monkeypatch.setenv("FGATTN_CACHE_DIR", str(unwritable_dir(tmp_path)))
+        names = "FGATTN_CACHE_DIR"
+    elif case == "densities repeated":
+        extra, names = ["--densities", "0.5,0.5"], "--densities"
+    else:
+        (tmp_path / "folder").mkdir()
+        extra, names = ["--storage", f"journal:{tmp_path / 'folder'}"], "--storage journal:"
+    assert cli.main(["--model", model, "--out", str(out), *MODE, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fgattn-tune: error: ") and err.count("\n") == 1, err
+    assert names in err and "Traceback" not in err
+    assert not out.exists() or case == "unwritable out"  # nothing written
+
+
 @pytest.mark.parametrize("backend", ["cuda", "all"])
 def test_interpret_with_cuda_backend_exits_2(tiny, tmp_path, capsys, backend):
     assert cli.main(["--model", str(tiny), "--out", str(tmp_path / "out"), "--interpret", "--backend", backend]) == 2

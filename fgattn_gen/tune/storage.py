@@ -41,6 +41,8 @@ from pathlib import Path
 
 import optuna
 
+from ..environment import writable_dir_problem
+
 _RDB_URL = re.compile(r"^(sqlite:///.+|(postgresql|mysql)(\+\w+)?://.+)$")
 HEARTBEAT_S = 60
 _PARTIAL_LINE_WAIT_S = 0.5  # a last line without its newline may be another process's append in flight
@@ -84,24 +86,6 @@ def studies_dir(out: Path, device_slug: str) -> Path:
 def default_journal(out: Path, device_slug: str, model: str) -> StorageSpec:
     """``<out>/.studies/<device_slug>/<model>.journal``."""
     return StorageSpec("journal", str(studies_dir(out, device_slug) / f"{model}.journal"))
-
-
-def writable_dir_problem(folder: Path, *, create: bool) -> str | None:
-    """Why files cannot be created in ``folder`` (None when they can). ``create``: the folder may be missing if
-    its first existing ancestor is a writable folder (nothing is created here)."""
-    folder = Path(folder).absolute()
-    probe = folder
-    while not probe.exists():
-        if not create:
-            return f"folder {folder} does not exist"
-        if probe.parent == probe:
-            return f"no existing folder above {folder}"
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is not a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"folder {probe} is not writable"
-    return None
 
 
 def parse_storage(url: str) -> StorageSpec:
