@@ -29,7 +29,7 @@ def _weighted_values(probs: torch.Tensor, selected: torch.Tensor, v: torch.Tenso
     not reach the output from a key that was never selected)."""
     finite = torch.isfinite(v)
     out = torch.einsum("hqk,hkd->hqd", probs, torch.where(finite, v, 0.0))
-    if bool(finite.all()):
+    if v.device.type == "meta" or bool(finite.all()):  # (meta tensors have no values to look at)
         return out
     sel = selected.float()
     live = (selected & (probs > 0)).float()   # selected keys with a positive probability
