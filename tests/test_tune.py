@@ -461,3 +461,19 @@ def test_load_tuned_rejects_truncated_yaml(tmp_path):
         load_tuned(path)
     with pytest.raises(ValueError, match="expected a mapping at the top level"):
         validate_tuned(["schema", 1])
+
+
+def test_write_tuned_syncs_and_keeps_the_umask_mode(tmp_path, monkeypatch):
+    """Tuned files were written with mkstemp's mode 0600 and no fsync before the rename."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    path = tmp_path / "gpu" / "t.yaml"
+    old = os.umask(0o027)
+    try:
+        write_tuned(path, _valid_document())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert len(synced) == 2 and synced[1] == str(path.parent)  # the file (before its rename), then its folder
+    assert load_tuned(path) == _valid_document()
