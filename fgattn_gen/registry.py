@@ -202,6 +202,7 @@ def reload() -> None:
         _REGISTRY = None
     _cached_lookup.cache_clear()
     _device_info.cache_clear()
+    _cuda_gpu.cache_clear()
 
 
 @functools.lru_cache(maxsize=64)
@@ -232,6 +233,12 @@ def _gpu_of(device) -> tuple[str, int]:
                         f"{type(device).__name__}")
     if device.type != "cuda":
         raise ValueError(f"device: expected a CUDA device or a GPU name such as 'NVIDIA H200', got {device!r}")
+    return _cuda_gpu(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_gpu(device: torch.device) -> tuple[str, int]:
+    """``_device_info`` of a CUDA device that exists (once per device: ``attention()`` looks up on every call)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = torch.cuda.current_device() if device.index is None and count else device.index or 0
     if not 0 <= index < count:
