@@ -1,4 +1,5 @@
-"""NaN / Inf in q, k, v: the fp32 reference and the Triton kernel (interpreter on the CPU, fp16 inputs)
+"""NaN / Inf in q, k, v: the fp32 reference and the Triton kernel (interpreter on the CPU, compiled on a GPU;
+fp16 inputs)
 propagate them the same way over the selected keys, and unselected keys never reach the output.
 
 Each case poisons one place, runs both, and compares the NaN / +inf / -inf pattern of the outputs exactly,
@@ -48,11 +49,12 @@ CASES = [
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy in the interpreter
 @pytest.mark.parametrize("name, which, index, value, block_n", CASES, ids=[c[0] for c in CASES])
-def test_kernel_and_reference_agree_on_non_finite_inputs(gen, name, which, index, value, block_n):
+def test_kernel_and_reference_agree_on_non_finite_inputs(gen, device, name, which, index, value, block_n):
     block_m = 16
     q, k, v = (torch.randn(B, H, s, D, generator=gen).half() for s in (SQ, SK, SK))
     dict(q=q, k=k, v=v)[which][index] = value
-    keys = KeySet.from_mask(_mask(block_m, block_n), block_m=block_m, block_n=block_n)
+    q, k, v = (t.to(device) for t in (q, k, v))
+    keys = KeySet.from_mask(_mask(block_m, block_n).to(device), block_m=block_m, block_n=block_n)
     out, lse = attention(q, k, v, keys, return_lse=True)
     ref, ref_lse = reference_attention(q, k, v, keys, return_lse=True)
     out = out.float()
