@@ -3,11 +3,17 @@
     fgattn-tune --model hunyuan                          # current GPU -> tuned/<gpu-slug>/hunyuan.yaml
     fgattn-tune --model my_model.yaml --gpus 0,1,2,3     # a custom model spec, one worker per GPU
     fgattn-tune --model wan-1.3b --interpret --trials 4  # CPU: the whole pipeline through Triton's interpreter
+                                                         # -> tuned-interpret/interpret/wan-1.3b.yaml
 
-Studies are kept in ``<out>/.studies/<gpu-slug>/<model>.journal`` (or ``--storage``): rerunning resumes them.
-Exit codes: 0 ok; 1 a (shape, density) found no correct variant, or a worker failed; 2 bad arguments,
-unknown model, malformed model spec, bad ``--storage``, or no CUDA GPU without ``--interpret`` (in these
-cases nothing is written).
+Studies are kept in ``<out>/.studies/<gpu-slug>/<model>.journal`` (or ``--storage``): rerunning resumes them,
+also after the process was killed (its unfinished trials run again); a damaged journal is reported with
+``--repair`` as the way out. ``--out`` defaults to ``tuned/`` and, with ``--interpret``, to
+``tuned-interpret/`` (both in the current directory), so a CPU run never writes into the shipped ``tuned/``.
+Exit codes: 0 ok; 1 a (shape, density) found no correct variant, or a worker failed; 2 bad arguments (a
+one-line message naming the option, variable or file), unknown model, malformed or unreadable model spec,
+bad or unreadable ``--storage`` (a damaged journal names ``--repair``), an unwritable ``--out`` or
+``FGATTN_CACHE_DIR``, or no CUDA GPU without ``--interpret`` (in these cases no trial runs and no tuned file
+is written).
 
 Nothing that defines Triton kernels is imported at the top of this module: ``--interpret`` has to put
 ``TRITON_INTERPRET=1`` in the environment before kernels are decorated (see ``_use_interpreter``).
@@ -22,7 +28,7 @@ import sys
 from pathlib import Path
 
 # no torch / Triton import before --interpret sets TRITON_INTERPRET
-from .environment import presets_dir
+from .environment import cache_problem, configured_cache_dir, presets_dir, writable_dir_problem
 from .tune.options import BACKEND_CHOICES
 
 NO_CUDA = ("no CUDA GPU found; rerun with --interpret for a CPU run of the pipeline on a scaled-down shape "
@@ -46,6 +52,8 @@ def _density_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not all(0.0 < d <= 1.0 for d in values):
         raise argparse.ArgumentTypeError(f"densities must be in (0, 1], got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"densities must be distinct, got {text!r}")
     return values
 
 
@@ -61,8 +69,28 @@ def _positive(kind):
     return parse
 
 
+MAX_SEED = 2**31 - 1  # numpy's RandomState takes seeds below 2**32 (study.trial_seed folds larger ones)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_SEED}], got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the option (argparse adds the whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fgattn-tune",
         description="Find the fastest correct gather-load kernel variant for every attention shape of a model "
                     "and write it to OUT/<gpu-slug>/<model>.yaml.",
@@ -73,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trials", type=_positive(int), default=40,
                         help="finished trials per (shape, density), counted over reruns and workers (default 40)")
     parser.add_argument("--timeout", type=_positive(float), help="seconds per (shape, density) study and process")
-    parser.add_argument("--out", type=Path, default=Path("tuned"), help="output root (default tuned/)")
+    parser.add_argument("--out", type=Path, help="output root (default: tuned/ in the current directory; with "
+                             "--interpret tuned-interpret/, so that CPU runs never write into the shipped tuned/)")
     parser.add_argument("--densities", type=_density_list, help="comma-separated key densities, instead of the model's")
     parser.add_argument("--sampler", choices=("auto", "tpe", "exhaustive"), default="auto",
                         help="auto (default): exhaustive when the valid space has at most --exhaustive-below points "
@@ -89,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                         help="kernels to search: auto (default: Triton, and the CUDA kernel too on an sm_80+ GPU), "
                              "triton, cuda, or all (both in one study, the fastest wins)")
-    parser.add_argument("--seed", type=int, default=0, help="sampler seed (default 0); varied per --gpus worker and per resumed run")
-    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help=f"sampler seed in [0, {MAX_SEED}] (default 0); varied per --gpus worker and per trial")
+    parser.add_argument("--repair", action="store_true",
+                        help="a study journal with a truncated or garbage line: copy it to <journal>.bak-<time> "
+                             "and cut it before that line, then resume (trials recorded after it run again)")
+    parser.add_argument("--worker", type=_seed, help=argparse.SUPPRESS)
     return parser
 
 
@@ -108,8 +141,25 @@ def _use_interpreter(argv: list[str]) -> None:
 
 
 def _usage_error(message: str) -> int:
-    print(f"fgattn-tune: error: {message}", file=sys.stderr)
+    print(f"fgattn-tune: error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
+
+
+def _output_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot take the tuned files (nothing is created to find out)."""
+    problem = writable_dir_problem(out, create=True)
+    return None if problem is None else f"--out {out}: {problem}"
+
+
+def _cache_problem() -> str | None:
+    """Why the kernel cache cannot be written (``FGATTN_CACHE_DIR``)."""
+    root = configured_cache_dir()
+    problem = cache_problem(root)
+    if problem is None:
+        return None
+    which = "FGATTN_CACHE_DIR" if os.environ.get("FGATTN_CACHE_DIR") else "FGATTN_CACHE_DIR unset, the default"
+    return (f"FGATTN_CACHE_DIR: the kernel cache directory {root} ({which}) cannot be written ({problem}); "
+            f"set FGATTN_CACHE_DIR to a writable directory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         return _usage_error(f"tuning needs {' and '.join(missing)}: pip install 'fgattn[tune]'")
     if args.interpret and args.backend in ("cuda", "all"):
         return _usage_error(f"--backend {args.backend}: the CUDA kernel needs a GPU; the interpreter runs Triton only")
+    if args.out is None:
+        args.out = Path("tuned-interpret" if args.interpret else "tuned")
+    for problem in (_output_problem(args.out), _cache_problem()):
+        if problem:
+            return _usage_error(problem)
     if args.interpret:
         _use_interpreter(argv)
 
@@ -162,13 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model if args.model in preset_names() else str(Path(args.model).resolve()),
         trials=args.trials, timeout=args.timeout, out=args.out, densities=args.densities, sampler=args.sampler,
         exhaustive_below=args.exhaustive_below, storage=args.storage, gpus=args.gpus, plot=args.plot,
-        interpret=args.interpret, seed=args.seed, worker=args.worker, backend=args.backend,
+        interpret=args.interpret, seed=args.seed, worker=args.worker, backend=args.backend, repair=args.repair,
     )
     console = Console()
     try:
         return tune_model(options, console)
     except EmptySpaceError as exc:  # raised before anything is written
         return _usage_error(f"model {model.name}: {exc}")
+    except StorageError as exc:  # a damaged journal, a database that cannot be opened: before any trial
+        return _usage_error(str(exc))
     except RuntimeError as exc:  # a failed worker, or a CUDA error that poisons this process
         console.print(f"[red]fgattn-tune: {model.name}: {exc}[/red]\nrerun the same command to resume the studies")
         return 1

@@ -176,8 +176,18 @@ def load_model(name_or_path: str) -> ModelSpec:
         return _parse_yaml((_presets_dir() / f"{name_or_path}.yaml").read_text(), f"preset {name_or_path}")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise ModelSpecError(f"model spec {path}: no such file")
-        return _parse_yaml(path.read_text(), f"model spec {path}")
+        if not path.is_file():  # a folder, a FIFO (reading it would block), a device
+            raise ModelSpecError(f"model spec {path}: not a regular file")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise ModelSpecError(f"model spec {path}: cannot be read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ModelSpecError(f"model spec {path}: not a YAML text file (byte {exc.start} is not UTF-8)") from None
+        if "\0" in text:
+            raise ModelSpecError(f"model spec {path}: not a YAML text file (it holds NUL bytes)")
+        return _parse_yaml(text, f"model spec {path}")
     raise ModelSpecError(f"unknown model {name_or_path!r}; known presets: {', '.join(preset_names())} "
                          f"(or pass the path of a .yaml model spec)")

@@ -1,8 +1,10 @@
 """Compile CUDA source to a cubin with NVRTC (cuda-python), cache it on disk, launch it on torch's stream.
 
 Cache key: source hash (and the named headers passed with it), NVRTC version, target arch and options; entries live under
-``<cache>/cuda/<name>-<key>.cubin``, written under a file lock and renamed into place, so concurrent
-processes neither race nor see a partial cubin. A compile failure raises with NVRTC's log.
+``<cache>/cuda/<name>-<key>-<sha>.cubin``, written under a file lock and renamed into place, so concurrent
+processes neither race nor see a partial cubin. ``<sha>`` is the hash of the cubin's own bytes: a cached cubin
+is loaded only if its bytes hash to it, and one that does not (edited, truncated, corrupt) is removed and built
+again, with one warning. A compile failure raises with NVRTC's log.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import ctypes
 import fcntl
 import functools
 import hashlib
-import os
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .environment import cache_dir
+from .environment import cache_dir, write_atomic
 
 
 class CudaCompileError(RuntimeError):
@@ -46,9 +49,52 @@ def arch_of(device: torch.device) -> str:
     return f"sm_{major}{minor}{'a' if major == 9 else ''}"
 
 
+def _content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _read_verified(folder: Path, stem: str) -> bytes | None:
+    """The cached ``<stem>-<sha>.cubin`` whose bytes hash to its ``<sha>``; others are removed with a warning."""
+    for path in sorted(folder.glob(f"{stem}-*.cubin")):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            data, problem = None, f"unreadable: {exc}"
+        else:
+            problem = None if _content_hash(data) == path.stem.rsplit("-", 1)[1] else "its bytes do not hash to the name"
+        if problem is None:
+            return data
+        warnings.warn(f"fgattn: cached cubin {path} is not what was built ({problem}); building it again",
+                      RuntimeWarning, stacklevel=4)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return None
+
+
+def cached_build(stem: str, build: Callable[[], bytes]) -> bytes:
+    """The cubin cached as ``<cache>/cuda/<stem>-<sha>.cubin``, verified against ``<sha>``; else ``build()``,
+    stored under a file lock (one build per key across processes) and an atomic rename."""
+    folder = cache_dir() / "cuda"
+    if folder.is_dir():
+        cached = _read_verified(folder, stem)
+        if cached is not None:
+            return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = _read_verified(folder, stem)  # another process may have built it while we waited
+        if cached is not None:
+            return cached
+        cubin = build()
+        write_atomic(folder / f"{stem}-{_content_hash(cubin)}.cubin", cubin)
+        return cubin
+
+
 def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = (),
                   headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """NVRTC ``source`` for ``arch``; returns the cubin (cached on disk).
+    """NVRTC ``source`` for ``arch``; returns the cubin (cached on disk, verified on load).
 
     ``headers``: ``(include name, text)`` pairs that ``#include "name"`` resolves to (no include path is
     searched for them); their text is part of the cache key.
@@ -57,14 +103,8 @@ def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = 
     opts = (f"--gpu-architecture={arch}", "-std=c++17", *options)
     header_parts = tuple(part for name_text in headers for part in name_text)
     key = hashlib.sha256("\0".join((source, nvrtc_version(), *opts, "headers", *header_parts)).encode()).hexdigest()[:16]
-    path = cache_dir() / "cuda" / f"{name}-{key}.cubin"
-    if path.exists():
-        return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():  # another process built it while we waited
-            return path.read_bytes()
+
+    def build() -> bytes:
         prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), len(headers),
                                                [text.encode() for _, text in headers],
                                                [inc.encode() for inc, _ in headers]), "nvrtcCreateProgram")
@@ -80,10 +120,9 @@ def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = 
             _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
         finally:
             nvrtc.nvrtcDestroyProgram(prog)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(cubin)
-        os.replace(tmp, path)
-        return cubin
+        return bytes(cubin)
+
+    return cached_build(f"{name}-{key}", build)
 
 
 class CudaKernel:

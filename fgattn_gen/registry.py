@@ -38,13 +38,13 @@ import torch
 import triton
 
 from . import __version__
-from .backends import spec
+from .backends import BACKENDS, spec
 from .catalogue import space_hash
 from .checks import check_density
 from .environment import tuned_dir
 from .render import render
 from .tuned import gpu_slug, load_tuned
-from .variant import DTYPES, HOPPER_SMEM, Variant, default_variant, dtype_name
+from .variant import DTYPE_NAMES, DTYPES, HEAD_DIMS, HOPPER_SMEM, Variant, default_variant, dtype_name
 
 SHIPPED = tuned_dir()
 SOURCES = Path(__file__).resolve().parent.parent / "registry"  # the checkout's rendered sources
@@ -98,19 +98,31 @@ class Registry:
         self._warned: set[str] = set()
 
     def _files(self, gpu: str) -> list[Path]:
+        """The tuned YAMLs to read: regular files only (a FIFO or device named ``*.yaml`` would block or
+        never end when read: skipped with one warning); a search directory that does not exist or is not a
+        directory is reported once."""
         files = []
         for root in self.dirs:
             if root == SHIPPED:  # shipped files are sorted by GPU: only this GPU's folder applies
                 folder = root / gpu_slug(gpu)
-                files += sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+                found = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
             elif root.is_dir():
-                files += sorted(root.rglob("*.yaml"))
+                found = sorted(root.rglob("*.yaml"))
+            else:
+                why = "does not exist" if not root.exists() else "is not a directory"
+                self._warn_once(root, f"FGATTN_TUNED_PATH entry {why}", what="ignoring")
+                continue
+            for path in found:
+                if path.is_file():
+                    files.append(path)
+                elif path.exists():
+                    self._warn_once(path, "not a regular file (never opened)")
         return files
 
-    def _warn_once(self, path: Path, why: str) -> None:
+    def _warn_once(self, path: Path, why: str, what: str = "skipping") -> None:
         if str(path) not in self._warned:
             self._warned.add(str(path))
-            warnings.warn(f"fgattn registry: skipping {path}: {why}", stacklevel=3)
+            warnings.warn(f"fgattn registry: {what} {path}: {why}", stacklevel=4)
 
     def choices(self, gpu: str) -> list[TunedChoice]:
         """Every servable tuned choice for GPU name ``gpu`` (loaded once)."""
@@ -190,6 +202,7 @@ def reload() -> None:
         _REGISTRY = None
     _cached_lookup.cache_clear()
     _device_info.cache_clear()
+    _cuda_gpu.cache_clear()
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,6 +219,34 @@ def _cached_lookup(gpu: str, dtype: str, head_dim: int, seq_q: int, seq_k: int, 
                                      backend=backend)
 
 
+def _gpu_of(device) -> tuple[str, int]:
+    """``(GPU name, shared memory per block)`` of ``device`` (a CUDA device or a GPU name); ValueError /
+    TypeError naming ``device`` for anything else, a device that does not exist included."""
+    if isinstance(device, str) and re.fullmatch(r"(cpu|cuda|meta|mps|xpu|hip|xla|lazy|ipu|hpu|mtia)(:\d+)?", device):
+        device = torch.device(device)  # a device string, not a GPU name
+    if isinstance(device, str):
+        if not device.strip():
+            raise ValueError("device: expected a CUDA device or a GPU name such as 'NVIDIA H200', got ''")
+        return device, HOPPER_SMEM
+    if not isinstance(device, torch.device):
+        raise TypeError(f"device: expected a torch.device or a GPU name such as 'NVIDIA H200', got "
+                        f"{type(device).__name__}")
+    if device.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device or a GPU name such as 'NVIDIA H200', got {device!r}")
+    return _cuda_gpu(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_gpu(device: torch.device) -> tuple[str, int]:
+    """``_device_info`` of a CUDA device that exists (once per device: ``attention()`` looks up on every call)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = torch.cuda.current_device() if device.index is None and count else device.index or 0
+    if not 0 <= index < count:
+        raise ValueError(f"device: {device} does not exist (this machine has {count} CUDA device(s)); pass a GPU "
+                         f"name such as 'NVIDIA H200' to look up without one")
+    return _device_info(torch.device("cuda", index))
+
+
 def lookup(*, device: torch.device | str, dtype: torch.dtype, head_dim: int, seq_q: int, seq_k: int,
            density: float | None = None, block_n: int = 1, block_m: int = 128,
            backend: str | None = None) -> Variant:
@@ -219,17 +260,27 @@ def lookup(*, device: torch.device | str, dtype: torch.dtype, head_dim: int, seq
         backend: None (the fastest tuned kernel), or ``"triton"`` / ``"cuda"``: the best of that backend.
     Returns:
         A Variant (``.key``, ``.backend``, ``.params``); never fails for a valid layout.
+    Raises:
+        ValueError (TypeError for a ``device`` of another type) whose message starts with the argument: a
+        length or block below 1, a density outside (0, 1], another dtype or head dim, an unknown backend, a
+        ``block_m`` the backend cannot serve, a device that is not CUDA or does not exist on this machine.
     """
     for name, value in (("seq_q", seq_q), ("seq_k", seq_k), ("head_dim", head_dim), ("block_n", block_n),
                         ("block_m", block_m)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     density = check_density(density)
-    if isinstance(device, str) and re.fullmatch(r"(cpu|cuda|meta|mps|xpu)(:\d+)?", device):
-        device = torch.device(device)  # a device string, not a GPU name
-    if not isinstance(device, str) and torch.device(device).type != "cuda":
-        raise ValueError(f"device: expected a CUDA device or a GPU name such as 'NVIDIA H200', got {device!r}")
-    gpu, smem = (device, HOPPER_SMEM) if isinstance(device, str) else _device_info(torch.device(device))
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype: expected one of {tuple(DTYPE_NAMES)}, got {dtype!r}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    multiple = spec(backend or "triton").block_m_multiple
+    if block_m % multiple:
+        raise ValueError(f"block_m: expected a multiple of {multiple} for the {backend or 'triton'} kernels, "
+                         f"got {block_m}")
+    gpu, smem = _gpu_of(device)
     return _cached_lookup(gpu, dtype_name(dtype), head_dim, seq_q, seq_k, density, block_m, block_n, smem, backend)
 
 

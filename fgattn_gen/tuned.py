@@ -28,18 +28,19 @@ Schema (version 1)::
         n_pruned: int
 
 ``load_tuned`` checks all of it, including that each result's ``params`` build a Variant whose key is
-``key``; ``write_tuned`` checks before it writes and replaces the file atomically.
+``key`` and every number's range; ``write_tuned`` checks before it writes and replaces the file atomically
+(fsync'd, with the umask's mode).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import yaml
 
+from .environment import write_atomic
 from .variant import BACKENDS, Variant
 
 SCHEMA_VERSION = 1
@@ -149,25 +150,23 @@ def validate_tuned(data, source: str = "tuned data") -> dict:
 
 
 def load_tuned(path: str | os.PathLike) -> dict:
-    """Read and validate a tuned YAML file; raises ValueError (unreadable YAML, schema violation)."""
+    """Read and validate a tuned YAML file; raises ValueError naming ``path`` (not a regular file, not UTF-8
+    text, unreadable YAML, schema violation) or OSError (cannot be read). A FIFO or device is never opened."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a YAML text file (byte {exc.start} is not UTF-8)") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
     return validate_tuned(data, str(path))
 
 
 def write_tuned(path: str | os.PathLike, data: dict) -> None:
-    """Validate ``data`` and write it as YAML to ``path`` atomically (temp file + ``os.replace``)."""
+    """Validate ``data`` and write it as YAML to ``path`` atomically (temp file, fsync, ``os.replace``, fsync of
+    the folder), with the mode a new file gets from the umask."""
     path = Path(path)
     text = yaml.safe_dump(validate_tuned(data, str(path)), sort_keys=False, default_flow_style=None, width=120)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, text, fsync=True)

@@ -187,3 +187,18 @@ def empty_query_rows(mask: torch.Tensor, block_m: int, seq_q: int) -> torch.Tens
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def unwritable_dir(tmp_path) -> "os.PathLike":
+    """A directory path nothing can be written under: a read-only folder, or (as root, who writes through
+    read-only modes) a path below a regular file."""
+    from pathlib import Path
+
+    if os.geteuid() == 0:
+        blocker = Path(tmp_path) / "a-file"
+        blocker.write_text("not a folder\n")
+        return blocker / "cache"
+    folder = Path(tmp_path) / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder

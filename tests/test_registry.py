@@ -1,6 +1,7 @@
 """Registry lookup: order and fallbacks, rejected files (one warning each), thread safety, shipped files."""
 
 import copy
+import os
 import subprocess
 import sys
 import threading
@@ -193,3 +194,39 @@ def test_lookup_does_not_need_the_tuner(tmp_path):
             "from pathlib import Path\nfrom fgattn_gen.registry import Registry\n"
             f"assert Registry([Path({str(tmp_path)!r})]).choices({GPU!r})")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fifo_named_yaml_is_skipped_without_opening_it(tmp_path):
+    """A FIFO named *.yaml in FGATTN_TUNED_PATH made every first lookup hang (opened for reading)."""
+    import os
+
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(_document()))
+    os.mkfifo(tmp_path / "pipe.yaml")
+    reg = Registry([tmp_path])
+    result = []
+    worker = threading.Thread(target=lambda: result.append(_lookup(reg, 32760, 1.0)), daemon=True)
+    with pytest.warns(UserWarning, match="pipe.yaml: not a regular file") as record:
+        worker.start()
+        worker.join(timeout=30)
+    assert result == [A], "the lookup hung on the FIFO"
+    assert len([w for w in record if "pipe.yaml" in str(w.message)]) == 1
+
+
+def test_missing_or_file_search_dir_warns_once(tmp_path, monkeypatch):
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(_document()))
+    missing, a_file = tmp_path / "missing", tmp_path / "m.yaml"
+    monkeypatch.setenv("FGATTN_TUNED_PATH", os.pathsep.join(map(str, (missing, a_file, tmp_path))))
+    registry.reload()
+    try:
+        kwargs = dict(device=GPU, dtype=torch.bfloat16, head_dim=128, seq_q=32760, seq_k=32760, density=0.3)
+        with pytest.warns(UserWarning) as record:
+            assert registry.lookup(**kwargs) == B
+        messages = [str(w.message) for w in record]
+        assert sum(f"ignoring {missing}: FGATTN_TUNED_PATH entry does not exist" in m for m in messages) == 1
+        assert sum(f"ignoring {a_file}: FGATTN_TUNED_PATH entry is not a directory" in m for m in messages) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            registry.lookup(**{**kwargs, "seq_q": 75600, "seq_k": 75600})
+    finally:
+        monkeypatch.delenv("FGATTN_TUNED_PATH")
+        registry.reload()

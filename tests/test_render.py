@@ -1,6 +1,7 @@
 """Variants, template rendering (StrictUndefined) and the on-disk build cache."""
 
 import ast
+import os
 import re
 import dataclasses
 import itertools
@@ -267,3 +268,112 @@ def test_reused_cache_file_is_not_rerendered_to_disk(fresh_build_cache):
     m2 = triton_launch.load(v)
     assert m2 is not m1 and m2.KEY == m1.KEY
     assert list((fresh_build_cache / "triton").iterdir()) == files
+
+
+# ---------------------------------------------------------------------------------------- verified caches
+SMALL = dict(backend="triton", dtype="fp16", head_dim=64, block_m=16, block_n=1, tile_m=16, tile_n=32, num_warps=4,
+             num_stages=2)
+
+
+def _tamper(path, how: str) -> None:
+    text = path.read_text()
+    if how == "append":
+        path.write_text(text + "\nraise RuntimeError('appended code ran')\n")
+    elif how == "edit":  # a valid kernel that computes something else
+        assert "acc = acc * alpha[:, None]" in text
+        path.write_text(text.replace("acc = acc * alpha[:, None]", "acc = acc * alpha[:, None] * 0.5"))
+    else:
+        path.write_bytes(path.read_bytes()[: len(text) // 2])
+
+
+@pytest.mark.parametrize("how", ["append", "edit", "truncate"])
+def test_tampered_cached_source_is_rendered_again(fresh_build_cache, gen, how):
+    """A cached source whose bytes do not hash to its name is rendered again (one warning), never run."""
+    import warnings
+
+    from conftest import TOL
+    from fgattn_gen import KeySet, attention, reference_attention
+
+    v = Variant(**SMALL)
+    q, k, vv = (torch.randn(1, 1, 40, 64, generator=gen).half() for _ in range(3))
+    keys = KeySet.from_mask(torch.rand(1, 1, 3, 40, generator=gen) < 0.5, block_m=16)
+    first = attention(q, k, vv, keys, variant=v)
+    path = triton_launch.source_path(v, interpret=environment.interpreting())
+    _tamper(path, how)
+    triton_launch.load.cache_clear()  # a new process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = attention(q, k, vv, keys, variant=v)
+        attention(q, k, vv, keys, variant=v)
+    ours = [w for w in caught if "does not hash" in str(w.message)]
+    assert len(ours) == 1 and str(path) in str(ours[0].message)
+    assert torch.equal(again, first)
+    torch.testing.assert_close(again.float(), reference_attention(q, k, vv, keys), atol=TOL[torch.float16][0],
+                               rtol=TOL[torch.float16][1])
+    assert path.read_text() == render.render(v, interpret=environment.interpreting())
+
+
+@pytest.mark.parametrize("how", ["append", "edit", "truncate", "renamed"])
+def test_cubin_cache_is_verified(fresh_build_cache, how):
+    from fgattn_gen import nvrtc
+
+    builds = []
+
+    def build() -> bytes:
+        builds.append(1)
+        return bytes(range(256)) * 4
+
+    stem = "fgattn_test_kernel-0123456789abcdef"
+    assert nvrtc.cached_build(stem, build) == bytes(range(256)) * 4
+    assert nvrtc.cached_build(stem, build) == bytes(range(256)) * 4 and len(builds) == 1
+    (path,) = (fresh_build_cache / "cuda").glob(f"{stem}-*.cubin")
+    data = path.read_bytes()
+    if how == "append":
+        path.write_bytes(data + b"\0extra")
+    elif how == "edit":
+        path.write_bytes(data[:10] + b"X" + data[11:])
+    elif how == "truncate":
+        path.write_bytes(data[:100])
+    else:
+        path.rename(path.with_name(f"{stem}-{'0' * 16}.cubin"))
+    with pytest.warns(RuntimeWarning, match="is not what was built") as record:
+        assert nvrtc.cached_build(stem, build) == bytes(range(256)) * 4
+    assert len([w for w in record if "is not what was built" in str(w.message)]) == 1
+    assert len(builds) == 2
+    (path,) = (fresh_build_cache / "cuda").glob(f"{stem}-*.cubin")
+    assert path.read_bytes() == bytes(range(256)) * 4
+    assert nvrtc.cached_build(stem, build) == bytes(range(256)) * 4 and len(builds) == 2
+
+
+def test_unwritable_cache_dir_falls_back_to_a_temporary_one(tmp_path, monkeypatch):
+    import warnings
+
+    from conftest import unwritable_dir
+
+    root = unwritable_dir(tmp_path)
+    monkeypatch.setenv("FGATTN_CACHE_DIR", str(root))
+    triton_launch.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="FGATTN_CACHE_DIR") as record:
+            fallback = environment.cache_dir()
+        assert len(record) == 1 and str(root) in str(record[0].message)
+        assert fallback != root and fallback.is_dir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert environment.cache_dir() == fallback  # warned once
+            path = triton_launch.source_path(make_variant())
+        assert path.parent.parent == fallback and path.is_file()
+    finally:
+        triton_launch.load.cache_clear()
+
+
+def test_write_atomic_gives_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        environment.write_atomic(tmp_path / "a.txt", "x")
+        environment.write_atomic(tmp_path / "b.bin", b"y", fsync=True)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").read_bytes() == b"y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin"]

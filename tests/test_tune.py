@@ -191,6 +191,43 @@ def test_other_densities_are_kept_in_the_tuned_file(tiny, tmp_path):
     assert sorted(e["density"] for e in load_tuned(tuned_file(out))["entries"]) == [0.5, 1.0]
 
 
+def test_corrupt_tuned_file_is_kept_aside_and_reported(tiny, tmp_path, capsys):
+    """An unreadable tuned file was silently overwritten (its other densities lost), in mode 0600."""
+    out = tmp_path / "out"
+    path = out / ("interpret" if not HAS_CUDA else "x") / "tiny.yaml"
+    if HAS_CUDA:
+        pytest.skip("the GPU's slug names the folder; the interpreter path checks the same code")
+    path.parent.mkdir(parents=True)
+    corrupt = "schema: 1\nentries: [unclosed\n"
+    path.write_text(corrupt)
+    old = os.umask(0o022)
+    try:
+        assert tune(tiny, out, "--trials", "1") == 0
+    finally:
+        os.umask(old)
+    (aside,) = path.parent.glob("tiny.yaml.corrupt-*")
+    assert re.fullmatch(r"tiny\.yaml\.corrupt-\d{8}T\d{6}Z", aside.name)
+    assert aside.read_text() == corrupt
+    printed = "".join(capsys.readouterr().out.split())  # rich wraps long paths
+    assert "cannotberead" in printed and "".join(str(aside).split()) in printed and str(path) in printed
+    assert [e["density"] for e in load_tuned(path)["entries"]] == [0.5]
+    assert path.stat().st_mode & 0o777 == 0o644  # the umask's mode, not mkstemp's 0600
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_interpret_runs_write_outside_the_shipped_tuned_dir(tiny, tmp_path, monkeypatch):
+    """bash scripts/tune.sh --model ... --interpret wrote tuned/interpret/ into the shipped tuned/."""
+    from fgattn_gen.environment import tuned_dir
+
+    shipped = sorted(p.relative_to(tuned_dir()) for p in tuned_dir().rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--model", str(tiny), "--interpret", "--backend", "triton", "--trials", "1"]) == 0
+    assert len(load_tuned(tmp_path / "tuned-interpret" / "interpret" / "tiny.yaml")["entries"]) == 1
+    assert not (tmp_path / "tuned").exists()
+    assert sorted(p.relative_to(tuned_dir()) for p in tuned_dir().rglob("*")) == shipped
+    assert "tuned-interpret/" in cli.build_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
 def test_plot_writes_png(tiny, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
@@ -232,6 +269,43 @@ def test_bad_settings_exit_2_and_write_nothing(case, tiny, tmp_path, capsys):
     assert tune(model, out, *extra) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["binary model", "model is a FIFO", "seed -5", "unwritable out", "sqlite folder missing",
+                                  "unwritable FGATTN_CACHE_DIR", "densities repeated", "storage is a folder"])
+def test_bad_option_or_file_exits_2_with_one_line(case, tiny, tmp_path, monkeypatch, capsys):
+    """Each was a raw traceback (UnicodeDecodeError, ValueError, PermissionError, OperationalError) or a hang."""
+    from conftest import unwritable_dir
+
+    monkeypatch.chdir(tmp_path)
+    out, extra, model = tmp_path / "out", [], str(tiny)
+    if case == "binary model":
+        tiny.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe\x00")
+        names = str(tiny)
+    elif case == "model is a FIFO":
+        model = str(tmp_path / "fifo.yaml")
+        os.mkfifo(model)
+        names = model
+    elif case == "seed -5":
+        extra, names = ["--seed", "-5"], "--seed"
+    elif case == "unwritable out":
+        out = unwritable_dir(tmp_path)
+        names = f"--out {out}"
+    elif case == "sqlite folder missing":
+        extra, names = ["--storage", "sqlite:///missing/dir/x.db"], "--storage sqlite:///missing/dir/x.db"
+    elif case == "unwritable FGATTN_CACHE_DIR":
+        monkeypatch.setenv("FGATTN_CACHE_DIR", str(unwritable_dir(tmp_path)))
+        names = "FGATTN_CACHE_DIR"
+    elif case == "densities repeated":
+        extra, names = ["--densities", "0.5,0.5"], "--densities"
+    else:
+        (tmp_path / "folder").mkdir()
+        extra, names = ["--storage", f"journal:{tmp_path / 'folder'}"], "--storage journal:"
+    assert cli.main(["--model", model, "--out", str(out), *MODE, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fgattn-tune: error: ") and err.count("\n") == 1, err
+    assert names in err and "Traceback" not in err
+    assert not out.exists() or case == "unwritable out"  # nothing written
 
 
 @pytest.mark.parametrize("backend", ["cuda", "all"])
@@ -325,9 +399,9 @@ def test_heads_for_tuning_fill_the_gpu():
     assert heads_for_tuning(2, 3, h100_sms) == 2
 
 
-def test_storage_urls():
+def test_storage_urls(tmp_path):
     assert parse_storage("journal:/tmp/x.journal").kind == "journal"
-    for url in ("sqlite:///tmp/x.db", "postgresql://u@h/db", "postgresql+psycopg2://u@h/db", "mysql://u@h/db"):
+    for url in (f"sqlite:///{tmp_path}/x.db", "postgresql://u@h/db", "postgresql+psycopg2://u@h/db", "mysql://u@h/db"):
         assert parse_storage(url).kind == "rdb"
     for url in ("journal:", "sqlite://relative.db", "redis://h", "/tmp/x.journal"):
         with pytest.raises(StorageError):
@@ -387,3 +461,19 @@ def test_load_tuned_rejects_truncated_yaml(tmp_path):
         load_tuned(path)
     with pytest.raises(ValueError, match="expected a mapping at the top level"):
         validate_tuned(["schema", 1])
+
+
+def test_write_tuned_syncs_and_keeps_the_umask_mode(tmp_path, monkeypatch):
+    """Tuned files were written with mkstemp's mode 0600 and no fsync before the rename."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    path = tmp_path / "gpu" / "t.yaml"
+    old = os.umask(0o027)
+    try:
+        write_tuned(path, _valid_document())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert len(synced) == 2 and synced[1] == str(path.parent)  # the file (before its rename), then its folder
+    assert load_tuned(path) == _valid_document()

@@ -2,12 +2,16 @@
 
 An entry's ``best`` is the fastest COMPLETE trial, ``runners_up`` the next up to 3 distinct variants.
 When the output file already exists for the same device, model, search space and mode, its entries for
-(shape, density) pairs that this run did not tune (e.g. other ``--densities``) are kept.
+(shape, density) pairs that this run did not tune (e.g. other ``--densities``) are kept. An existing file
+that cannot be read is moved aside to ``<name>.corrupt-<UTC timestamp>`` (and reported) before the new file
+is written; a readable one of another device, model, search space or mode is replaced with a note.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -83,20 +87,48 @@ def metadata(model: ModelSpec, device: Device, space: SearchSpace) -> dict:
     }
 
 
-def kept_entries(path: Path, meta: dict, entries: list[dict]) -> list[dict]:
-    """Entries of the existing file at ``path`` to keep beside ``entries``: those of other (shape, density)
-    pairs, if the file is valid and was tuned on the same device, model, search space and mode."""
-    if not path.exists():
-        return []
+@dataclass(frozen=True)
+class Previous:
+    """What becomes of an existing tuned file when a run writes its own.
+
+    Attributes:
+        kept: its entries of (shape, density) pairs this run did not tune, to write beside the new ones.
+        unreadable: why it cannot be read (None when it can or there is none): it is moved aside before the
+            new file is written (``move_aside``), never overwritten.
+        not_kept: why a readable file's entries are not kept (another device, model, search space or mode).
+    """
+
+    kept: list[dict]
+    unreadable: str | None = None
+    not_kept: str | None = None
+
+
+def previous_entries(path: Path, meta: dict, entries: list[dict]) -> Previous:
+    """Read the existing file at ``path`` (see ``Previous``); never raises for its content."""
+    if not path.exists() and not path.is_symlink():
+        return Previous([])
     try:
         old = load_tuned(path)
-    except ValueError:
-        return []
+    except (OSError, ValueError) as exc:
+        return Previous([], unreadable=" ".join(str(exc).split())[:300])
     same = ("gpu", "model", "search_space_hash", "interpret")
-    if any(old["metadata"][k] != meta[k] for k in same):
-        return []
+    differ = [k for k in same if old["metadata"][k] != meta[k]]
+    if differ:
+        return Previous([], not_kept=", ".join(f"{k} {old['metadata'][k]!r} (now {meta[k]!r})" for k in differ))
     new = {(e["label"], e["density"]) for e in entries}
-    return [e for e in old["entries"] if (e["label"], e["density"]) not in new]
+    return Previous([e for e in old["entries"] if (e["label"], e["density"]) not in new])
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.corrupt-<UTC timestamp>`` beside it (never replacing a file); returns it."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.rename(path, aside)
+    return aside
 
 
 def tuned_document(meta: dict, entries: list[dict]) -> dict:

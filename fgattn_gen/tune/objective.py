@@ -1,5 +1,7 @@
 """The Optuna objective: one trial = one candidate variant on one workload, checked, then timed.
 
+- The process running the trial goes to user attrs ``worker_pid``, ``worker_host``, ``worker_token`` first
+  (``storage.this_process``; ``study.recover_stale_trials`` reads them after a crash).
 - The variant is sampled from the SearchSpace; its key goes to user attr ``variant``.
 - If a finished trial of the study already evaluated that variant (TPE may sample a point again, a resumed
   or parallel run may race on one), its result is reused and nothing is launched; a variant that crashed
@@ -16,8 +18,6 @@
 
 from __future__ import annotations
 
-import os
-
 from typing import Callable, Sequence
 
 import optuna
@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from ..attention_api import attention
 from .space import SearchSpace
+from .storage import this_process
 from .study import FINISHED
 from .workload import Workload
 
@@ -82,9 +83,10 @@ class VariantObjective:
         return None
 
     def __call__(self, trial: optuna.Trial) -> float:
+        for name, value in this_process().items():  # first: recover_stale_trials tells a dead owner by them
+            trial.set_user_attr(name, value)
         variant = self.space.suggest(trial)
         trial.set_user_attr("variant", variant.key)
-        trial.set_user_attr("worker_pid", os.getpid())
         reused = self._reuse(trial, variant.key)
         if reused is not None:
             return reused

@@ -26,6 +26,7 @@ class TuneOptions:
         seed: sampler seed (see ``study.open_study`` and ``runner.WORKER_SEED_STRIDE`` for how it varies).
         worker: set in ``--gpus`` worker subprocesses: tune only, no export.
         backend: ``auto`` (Triton, plus the CUDA kernel on an sm_80+ GPU), ``triton``, ``cuda`` or ``all``.
+        repair: cut a damaged study journal before its first bad line (after a backup) instead of stopping.
     """
 
     model: str
@@ -42,3 +43,4 @@ class TuneOptions:
     seed: int
     worker: int | None = None
     backend: str = "auto"
+    repair: bool = False

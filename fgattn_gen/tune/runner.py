@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ..models import AttentionShape, ModelSpec, load_model
 from ..timing import time_ms
@@ -20,16 +21,17 @@ from ..tuned import write_tuned
 from ..variant import DTYPES, default_variant
 from .cpu_timing import wall_time_ms
 from .device import Device, detect_device, search_backends
-from .export import kept_entries, metadata, study_entry, tuned_document, tuned_path
+from .export import metadata, move_aside, previous_entries, study_entry, tuned_document, tuned_path
 from .objective import VariantObjective
 from .options import TuneOptions
 from .peers import measure_peers
 from .plot import save_history
 from .report import progress_bar, summary_tables
 from .space import SearchSpace, build_space
-from .storage import StorageSpec, default_journal, open_storage, parse_storage, studies_dir
-from .study import (FINISHED, finished_trials, is_exhaustive, open_study, run_study, study_name,
-                    trial_budget)
+from .storage import (StorageError, StorageLease, StorageSpec, default_journal, open_storage, parse_storage,
+                      repair_journal, studies_dir)
+from .study import (FINISHED, finished_trials, is_exhaustive, open_study, recover_stale_trials, run_study,
+                    study_name, trial_budget)
 from .workers import run_workers
 from .workload import MeasuredShape, build_workload, measured_shape
 
@@ -62,7 +64,16 @@ class _Run:
                                               smem_limit=self.device.smem_limit)
         self.storage_spec: StorageSpec = (parse_storage(options.storage) if options.storage
                                           else default_journal(options.out, self.device.slug, m.name))
-        self.storage = open_storage(self.storage_spec)
+        if self.storage_spec.local_file is not None:
+            self.storage_spec.local_file.parent.mkdir(parents=True, exist_ok=True)
+        self.lease = StorageLease(self.storage_spec)  # held while this process lives (recover_stale_trials)
+        try:
+            if options.repair:
+                self._repair()
+            self.storage = open_storage(self.storage_spec)
+        except BaseException:
+            self.lease.close()
+            raise
         self.sampler_seed = options.seed + WORKER_SEED_STRIDE * (options.worker or 0)
         self.exhaustive = is_exhaustive(options.sampler, len(self.space), options.exhaustive_below, options.trials)
         self.budget = trial_budget(options.trials, len(self.space), self.exhaustive)
@@ -73,6 +84,32 @@ class _Run:
             for density in options.densities or m.densities:
                 name = study_name(self.device.slug, m.name, shape.name, measured, density, self.space.hash)
                 self.plans.append(StudyPlan(shape, density, measured, name))
+
+    def _repair(self) -> None:
+        """``--repair``: cut a damaged journal before its first bad line (after a backup), only when no other
+        process uses it."""
+        if self.storage_spec.kind != "journal":
+            raise StorageError(f"--repair: only a journal file can be repaired, not {self.storage_spec.url}")
+        if not self.lease.alone():
+            raise StorageError(f"--repair: another process is using {self.storage_spec.target}; "
+                               f"repair it when that process has ended")
+        try:
+            repaired = repair_journal(self.storage_spec.target)
+        finally:
+            self.lease.shared()
+        if repaired is None:
+            self.console.print(f"--repair: {escape(self.storage_spec.target)} reads back whole; nothing to repair")
+        else:
+            backup, dropped = repaired
+            self.console.print(f"[yellow]--repair: cut {escape(self.storage_spec.target)} before its first bad line "
+                               f"({dropped} line(s) dropped); the whole file is kept in {escape(str(backup))}")
+
+    def recover(self, study: optuna.Study) -> None:
+        """Fail the trials of dead processes (``study.recover_stale_trials``); their variants run again."""
+        stale = recover_stale_trials(study, self.lease)
+        if stale:
+            self.console.print(f"[yellow]{escape(study.study_name)}: trial(s) {', '.join(map(str, stale))} of a process "
+                               f"that died were left RUNNING; marked FAIL, their variants run again")
 
     def study(self, plan: StudyPlan) -> optuna.Study:
         return open_study(self.storage, plan.name, exhaustive=self.exhaustive, seed=self.sampler_seed)
@@ -97,6 +134,7 @@ def _tune_in_process(run: _Run, progress=None, task=None) -> None:
         if progress is not None:
             progress.update(task, description=f"{m.name} {plan.shape.name} density={plan.density:g}")
         study = run.study(plan)
+        run.recover(study)
         workload = build_workload(m, plan.measured, plan.density, run.device)
         run_study(study, run.space, VariantObjective(run.space, workload, run.time_fn), budget=run.budget,
                   timeout=run.options.timeout, first=first, callbacks=(advance,))
@@ -117,7 +155,7 @@ def _tune(run: _Run) -> None:
             _tune_in_process(run, progress, task)
             return
         for plan in run.plans:  # create every study before the workers race to
-            run.study(plan)
+            run.recover(run.study(plan))
         log_dir = studies_dir(run.options.out, run.device.slug) / "logs"
         progress.update(task, description=f"{run.model.name} on GPUs {','.join(map(str, run.options.gpus))}")
         results = run_workers(run.options, run.storage_spec.url, log_dir,
@@ -161,7 +199,20 @@ def _export(run: _Run) -> int:
             save_history(study, png, plan.name)
     path = tuned_path(run.options.out, run.device.slug, run.model.name)
     meta = metadata(run.model, run.device, run.space)
-    kept = kept_entries(path, meta, entries)
+    previous = previous_entries(path, meta, entries)
+    kept = previous.kept
+    if previous.unreadable:
+        why = escape(previous.unreadable)
+        if entries:
+            aside = move_aside(path)
+            run.console.print(f"[yellow]warning: the existing tuned file {escape(str(path))} cannot be read ({why}); "
+                              f"kept aside as {escape(str(aside))}, a new {escape(str(path))} is written")
+        else:
+            run.console.print(f"[yellow]warning: the existing tuned file {escape(str(path))} cannot be read ({why}); "
+                              f"left as it is (nothing new to write)")
+    elif previous.not_kept and entries:
+        run.console.print(f"[yellow]note: {escape(str(path))} was tuned with other settings "
+                          f"({escape(previous.not_kept)}); its entries are replaced by this run's")
     if entries or kept:
         write_tuned(path, tuned_document(meta, entries + kept))
     for table in summary_tables(run.model, run.space, entries, failures):
@@ -179,12 +230,16 @@ def _export(run: _Run) -> int:
 def tune_model(options: TuneOptions, console: Console) -> int:
     """Run ``fgattn-tune`` for ``options``; returns the exit code (0 ok, 1 a study found no correct variant).
 
-    Raises ModelSpecError / StorageError / EmptySpaceError for bad settings (before anything is written),
-    RuntimeError for failed workers."""
+    Raises ModelSpecError / StorageError / EmptySpaceError for bad settings (before any trial runs; a
+    StorageError also for a journal that cannot be replayed, naming ``--repair``), RuntimeError for failed
+    workers."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     run = _Run(options, console)
-    if options.worker is not None:
-        _tune_in_process(run)
-        return 0
-    _tune(run)
-    return _export(run)
+    try:
+        if options.worker is not None:
+            _tune_in_process(run)
+            return 0
+        _tune(run)
+        return _export(run)
+    finally:
+        run.lease.close()

@@ -1,11 +1,17 @@
 """Launch a Triton variant: render it once to ``<cache>/triton/<key>-<hash>.py`` (atomic rename, so
 concurrent processes never see a partial file), import it, then per compaction head chunk run the
-gather-load kernel. Triton compiles the module on first launch and caches the binary itself."""
+gather-load kernel. Triton compiles the module on first launch and caches the binary itself.
+
+A cached file is used only if its bytes hash to the ``<hash>`` in its name (the hash of the freshly rendered
+source); a file that was edited, appended to or truncated is rendered again and rewritten, with one warning.
+The module is compiled from the verified bytes (no bytecode cache beside it), so what runs is what was checked.
+"""
 
 from __future__ import annotations
 
 import functools
-import importlib.util
+import hashlib
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -21,22 +27,38 @@ from ...variant import Variant
 _LOG2E = 1.4426950408889634
 
 
-def source_path(variant: Variant, *, interpret: bool = False) -> Path:
-    """Render ``variant`` and make sure its source is on disk; returns the file."""
+def _verified_source(variant: Variant, interpret: bool) -> tuple[Path, bytes]:
+    """The cache file of ``variant`` and its verified bytes (rendered and rewritten when missing or when its
+    bytes do not hash to the hash in its name)."""
     source = render(variant, interpret=interpret)
-    path = cache_dir() / variant.backend / f"{variant.key}-{source_hash(source)}.py"
-    if not path.exists():
-        write_atomic(path, source)
-    return path
+    digest = source_hash(source)
+    path = cache_dir() / variant.backend / f"{variant.key}-{digest}.py"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = None
+    if data is not None and hashlib.sha256(data).hexdigest()[:16] == digest:
+        return path, data
+    if data is not None:
+        warnings.warn(f"fgattn: cached kernel source {path} does not hash to {digest} (edited, truncated or "
+                      f"corrupt); rendering it again", RuntimeWarning, stacklevel=3)
+    data = source.encode()
+    write_atomic(path, data)
+    return path, data
+
+
+def source_path(variant: Variant, *, interpret: bool = False) -> Path:
+    """Render ``variant`` and make sure its verified source is on disk; returns the file."""
+    return _verified_source(variant, interpret)[0]
 
 
 @functools.cache
 def load(variant: Variant, *, interpret: bool = False) -> ModuleType:
     """The imported module of a Triton variant (``module.kernel`` plus its pinned constants), once per process."""
-    path = source_path(variant, interpret=interpret)
-    module_spec = importlib.util.spec_from_file_location(f"fgattn_variant_{path.stem.replace('-', '_')}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    path, data = _verified_source(variant, interpret)
+    module = ModuleType(f"fgattn_variant_{path.stem.replace('-', '_')}")
+    module.__file__ = str(path)  # Triton reads the kernel's source through it (inspect.getsource)
+    exec(compile(data, str(path), "exec"), module.__dict__)
     return module
 
 
