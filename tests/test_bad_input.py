@@ -296,3 +296,26 @@ def test_cached_mask_starts_a_new_generation(gen, device):
     assert refreshed == [True, False, False, True, False]
     cache.reset()
     assert cache.needs_refresh(1, layer=0)
+
+
+def test_threshold_that_keeps_nothing_warns_once(gen, device):
+    """pooled_top_p(threshold=0.01) at S=300 (above every pooled probability of flat scores) keeps no key:
+    one warning naming the knob (read without a host sync: on the GPU at the next call)."""
+    import warnings
+
+    import importlib
+
+    from fgattn_gen.predictors import pooled_top_p
+    watch = importlib.import_module("fgattn_gen.predictors.pooled_top_p")._EMPTY
+    watch._warned, watch._pending = False, []
+    q = (0.01 * torch.randn(1, 2, 300, 64, generator=gen)).to(device, torch.bfloat16)
+    with pytest.warns(UserWarning, match="^pooled_top_p: threshold=0.01 kept no key for any query block") as record:
+        for _ in range(3):
+            pooled_top_p(q, q, threshold=0.01, sim_threshold=-1.0)
+            if device == "cuda":
+                torch.cuda.synchronize()
+    assert sum("kept no key" in str(w.message) for w in record) == 1
+    watch._warned = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="pooled_top_p")
+        pooled_top_p(q, q, threshold=1 / 600, sim_threshold=-1.0)  # keeps keys: no warning

@@ -26,6 +26,7 @@ from ..compaction import workspace_budget
 from ..keyset import KeySet
 from . import checks
 from .always_keep import always_keep_words
+from .empty_watch import EmptyWatch
 from .pooling import group_mean, group_mean_and_similarity, group_mean_similarity_variance, pooled_scores
 from .threshold_rule import pooled_threshold_words, runs_fused
 from .top_p_search import keeps_every_key, top_p_words
@@ -41,6 +42,9 @@ def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, pool: int, bloc
     words = -(-seq_q // block_m) * -(-n_kblocks // 32)
     per_head = score_bytes * n_pool * n_kblocks + 4 * (3 * n_pool * d + key_copies * n_kblocks * d + 2 * words)
     return max(1, min(heads, workspace_budget() // per_head))
+
+
+_EMPTY = EmptyWatch("pooled_top_p", "threshold")
 
 
 def _score_bytes(threshold_rule: bool, query_variance: bool, impl: str, rows_per_block: int) -> int:
@@ -137,4 +141,7 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
                               local_window=local_window, device=q.device)
     if extra is not None:
         bits |= extra
-    return KeySet(bits, n_kblocks, block_m, block_n)
+    keys = KeySet(bits, n_kblocks, block_m, block_n)
+    if threshold is not None:
+        _EMPTY.watch(keys, f"{threshold:g}")
+    return keys
