@@ -168,6 +168,7 @@ def markdown(result: dict) -> str:
 def plot(name: str) -> None:
     """``<name>.png``: error vs density per (shape, family), with the exact mask and the 128 x 128 predictor."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -192,6 +193,7 @@ def plot(name: str) -> None:
                     ax.plot(*zip(*pts), marker, color="C3" if impl == "default" else "C2", label=f"{impl} (defaults)")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{shape} / {family}", fontsize=8)
             ax.tick_params(labelsize=7)
             if i == len(shapes) - 1:
