@@ -24,9 +24,8 @@ def served_variant(device: torch.device | str, dtype: torch.dtype, head_dim: int
     if variant_key and variant_key not in BACKENDS:
         return Variant.from_key(variant_key)
     if isinstance(device, str) or device.type == "cuda":
-        return registry.lookup(device=device, dtype=dtype, head_dim=head_dim, seq_q=seq_q, seq_k=seq_k,
-                               density=density if density > 0 else None, block_n=block_n, block_m=block_m,
-                               backend=variant_key or None)
+        return registry.served(device, dtype, head_dim, seq_q, seq_k, density if density > 0 else None, block_m,
+                               block_n, variant_key or None)
     return default_variant(dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n)
 
 

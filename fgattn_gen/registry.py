@@ -203,6 +203,7 @@ def reload() -> None:
     _cached_lookup.cache_clear()
     _device_info.cache_clear()
     _cuda_gpu.cache_clear()
+    _gpu_of.cache_clear()
 
 
 @functools.lru_cache(maxsize=64)
@@ -219,6 +220,7 @@ def _cached_lookup(gpu: str, dtype: str, head_dim: int, seq_q: int, seq_k: int, 
                                      backend=backend)
 
 
+@functools.lru_cache(maxsize=64)
 def _gpu_of(device) -> tuple[str, int]:
     """``(GPU name, shared memory per block)`` of ``device`` (a CUDA device or a GPU name); ValueError /
     TypeError naming ``device`` for anything else, a device that does not exist included."""
@@ -280,6 +282,13 @@ def lookup(*, device: torch.device | str, dtype: torch.dtype, head_dim: int, seq
     if block_m % multiple:
         raise ValueError(f"block_m: expected a multiple of {multiple} for the {backend or 'triton'} kernels, "
                          f"got {block_m}")
+    return served(device, dtype, head_dim, seq_q, seq_k, density, block_m, block_n, backend)
+
+
+def served(device: torch.device | str, dtype: torch.dtype, head_dim: int, seq_q: int, seq_k: int,
+           density: float | None, block_m: int, block_n: int, backend: str | None) -> Variant:
+    """``lookup`` without its argument checks: the attention op's path, whose inputs ``attention()`` has
+    checked (a warm call is a dictionary hit)."""
     gpu, smem = _gpu_of(device)
     return _cached_lookup(gpu, dtype_name(dtype), head_dim, seq_q, seq_k, density, block_m, block_n, smem, backend)
 
