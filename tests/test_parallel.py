@@ -16,17 +16,26 @@ import torch
 B, H, S, D = 1, 4, 96, 64
 BLOCK_M, BLOCK_N = 16, 1
 DTYPE = torch.float16
-PREDICTOR = "pooled_top_p"
+KNOBS = dict(block_m=BLOCK_M, top_p=0.5, sim_threshold=-1.0)  # gate off: random q would fail it (all keys)
+
+
+def predictor():
+    from fgattn_gen.predictors import make_predictor
+
+    return make_predictor("pooled_top_p", **KNOBS)
 
 
 def inputs():
-    """The full q, k, v ``[B, H, S, D]`` and a random KeySet, the same in every process."""
+    """The full q, k, v ``[B, H, S, D]`` and a random KeySet with clustered query blocks (a random
+    ``query_order`` per head), the same in every process."""
     from fgattn_gen import KeySet
 
     g = torch.Generator().manual_seed(18)
     q, k, v = (torch.randn(B, H, S, D, generator=g).to(DTYPE) for _ in range(3))
     mask = torch.rand(B, H, -(-S // BLOCK_M), -(-S // BLOCK_N), generator=g) < 0.4
-    return q, k, v, KeySet.from_mask(mask, block_m=BLOCK_M, block_n=BLOCK_N)
+    order = torch.argsort(torch.rand(B, H, S, generator=g), dim=-1)
+    keys = KeySet.from_mask(mask, block_m=BLOCK_M, block_n=BLOCK_N)
+    return q, k, v, KeySet(keys.bits, keys.n_kblocks, BLOCK_M, BLOCK_N, query_order=order)
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -41,7 +50,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         q, k, v = (t[:, :, shard] for t in (q, k, v))
         with torch.no_grad():
             out_keys = ulysses_attention(q, k, v, keys)
-            out_pred = ulysses_attention(q, k, v, predictor=PREDICTOR)
+            out_pred = ulysses_attention(q, k, v, predictor=predictor())
         try:  # H - 1 heads (3) is not divisible by 2 or 4: every rank raises before any collective
             ulysses_attention(q[:, 1:], k[:, 1:], v[:, 1:], keys)
             error = None
@@ -74,10 +83,12 @@ def run_workers(world: int, tmp_path: Path) -> list[dict]:
 def single_process():
     """``attention()`` on the full tensors in this process: with the KeySet, with the predictor."""
     from fgattn_gen import attention
+    from fgattn_gen.predictors import pooled_top_p
 
     q, k, v, keys = inputs()
+    assert pooled_top_p(q, k, **KNOBS).density() < 0.7  # the predictor case is sparse, not dense attention
     with torch.no_grad():
-        return dict(keys=attention(q, k, v, keys), predictor=attention(q, k, v, predictor=PREDICTOR))
+        return dict(keys=attention(q, k, v, keys), predictor=attention(q, k, v, predictor=predictor()))
 
 
 @pytest.mark.parametrize("world", [2, 4])
