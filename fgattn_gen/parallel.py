@@ -75,8 +75,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: K
     Returns:
         out ``[B, H, S/P, D]`` in q's dtype, on q's device: this rank's shard of the attention output.
 
-    Cost: two all-to-alls of q, k, v (sent together) and one of the output; no host synchronisation
-    beyond what the collectives themselves need.
+    Cost: one all-to-all of q, k, v stacked together (a copy of the three shards to send, one to receive)
+    and one of the output; no host synchronisation beyond what the collectives themselves need.
     """
     world, rank = _group_size_and_rank(group)
     for name, t in (("q", q), ("k", k), ("v", v)):
