@@ -19,7 +19,7 @@ _EXPORTS = {
     "Variant": ".variant",
     "default_variant": ".variant",
 }
-_MODULES = ("backends", "catalogue", "ditdata", "integrations", "predictors", "registry", "tune", "tuned")
+_MODULES = ("backends", "catalogue", "ditdata", "integrations", "parallel", "predictors", "registry", "tune", "tuned")
 __all__ = [*_EXPORTS, *_MODULES, "__version__"]
 
 

@@ -1,0 +1,108 @@
+"""``parallel.ulysses_attention`` on the CPU: P processes on the gloo backend, Triton's interpreter, against the
+single-process ``attention()`` of the full tensors (same KeySet, same predictor).
+
+The workers are this file run as a script (``python test_parallel.py RANK WORLD INIT_FILE OUT_DIR``) with
+``TRITON_INTERPRET=1`` in their environment, so the interpreter is chosen before Triton is imported.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+B, H, S, D = 1, 4, 96, 64
+BLOCK_M, BLOCK_N = 16, 1
+DTYPE = torch.float16
+KNOBS = dict(block_m=BLOCK_M, top_p=0.5, sim_threshold=-1.0)  # gate off: random q would fail it (all keys)
+
+
+def predictor():
+    from fgattn_gen.predictors import make_predictor
+
+    return make_predictor("pooled_top_p", **KNOBS)
+
+
+def inputs():
+    """The full q, k, v ``[B, H, S, D]`` and a random KeySet with clustered query blocks (a random
+    ``query_order`` per head), the same in every process."""
+    from fgattn_gen import KeySet
+
+    g = torch.Generator().manual_seed(18)
+    q, k, v = (torch.randn(B, H, S, D, generator=g).to(DTYPE) for _ in range(3))
+    mask = torch.rand(B, H, -(-S // BLOCK_M), -(-S // BLOCK_N), generator=g) < 0.4
+    order = torch.argsort(torch.rand(B, H, S, generator=g), dim=-1)
+    keys = KeySet.from_mask(mask, block_m=BLOCK_M, block_n=BLOCK_N)
+    return q, k, v, KeySet(keys.bits, keys.n_kblocks, BLOCK_M, BLOCK_N, query_order=order)
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from fgattn_gen.parallel import ulysses_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        q, k, v, keys = inputs()
+        shard = slice(rank * S // world, (rank + 1) * S // world)
+        q, k, v = (t[:, :, shard] for t in (q, k, v))
+        with torch.no_grad():
+            out_keys = ulysses_attention(q, k, v, keys)
+            out_pred = ulysses_attention(q, k, v, predictor=predictor())
+        try:  # H - 1 heads (3) is not divisible by 2 or 4: every rank raises before any collective
+            ulysses_attention(q[:, 1:], k[:, 1:], v[:, 1:], keys)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        torch.save(dict(keys=out_keys, predictor=out_pred, error=error), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(world: int, tmp_path: Path) -> list[dict]:
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    init_file = tmp_path / "init"
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(init_file), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{log}"
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """``attention()`` on the full tensors in this process: with the KeySet, with the predictor."""
+    from fgattn_gen import attention
+    from fgattn_gen.predictors import pooled_top_p
+
+    q, k, v, keys = inputs()
+    assert pooled_top_p(q, k, **KNOBS).density() < 0.7  # the predictor case is sparse, not dense attention
+    with torch.no_grad():
+        return dict(keys=attention(q, k, v, keys), predictor=attention(q, k, v, predictor=predictor()))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_matches_single_process(tmp_path, single_process, world):
+    results = run_workers(world, tmp_path)
+    for case, want in single_process.items():
+        got = torch.cat([r[case] for r in results], dim=2)  # the ranks' sequence shards, in rank order
+        assert got.shape == want.shape and got.dtype == want.dtype, case
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=f"{case}, P={world}")
+        if case == "keys":  # the same kernel on the same rows of the same KeySet: bit-exact
+            assert torch.equal(got, want), f"{case}, P={world}: not bit-exact"
+    for r in results:  # H=3 over P ranks: ValueError naming q, raised before any collective
+        assert r["error"] is not None and r["error"].startswith("q:") and "H=3" in r["error"], r["error"]
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
