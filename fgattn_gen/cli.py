@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Model presets: {', '.join(sorted(p.stem for p in presets_dir().glob('*.yaml')))}. "
                "Storage: journal:PATH | sqlite:///PATH | postgresql://... | mysql://... "
                "(default: a journal file under OUT/.studies/).")
-    parser.add_argument("--model", required=True, help="a preset name (e.g. hunyuan) or the path of a model spec YAML")
+    parser.add_argument("--model", help="a preset name (e.g. hunyuan) or the path of a model spec YAML (required "
+                                        "unless --merge)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="FILE",
+                        help="merge tuned files of the same GPU from several runs (best per entry; gpu, fgattn "
+                             "minor, triton, search space, mode and model must match) into "
+                             "OUT/<gpu-slug>/<model>.yaml, then exit")
     parser.add_argument("--trials", type=_positive(int), default=40,
                         help="finished trials per (shape, density), counted over reruns and workers (default 40)")
     parser.add_argument("--timeout", type=_positive(float), help="seconds per (shape, density) study and process")
@@ -162,6 +167,23 @@ def _cache_problem() -> str | None:
             f"set FGATTN_CACHE_DIR to a writable directory")
 
 
+def _merge(args: argparse.Namespace) -> int:
+    """``--merge FILE ... [--out DIR]``: exit 0 with the merged file written, 2 (nothing written) for files
+    that cannot be read or merged, naming the file and the key."""
+    from .tune.merge import MergeError, merge_files
+
+    out = args.out if args.out is not None else Path("tuned")
+    problem = _output_problem(out)
+    if problem:
+        return _usage_error(problem)
+    try:
+        path, merged = merge_files(args.merge, out)
+    except MergeError as exc:
+        return _usage_error(str(exc))
+    print(f"merged {len(args.merge)} file(s), {len(merged['entries'])} entries -> {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fgattn-tune``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -169,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error
         return int(exc.code or 0)
+    if args.merge:
+        return _merge(args)
+    if args.model is None:
+        return _usage_error("the following arguments are required: --model (or --merge FILE ...)")
     missing = [name for name in ("optuna", "rich") if importlib.util.find_spec(name) is None]
     if missing:
         return _usage_error(f"tuning needs {' and '.join(missing)}: pip install 'fgattn[tune]'")

@@ -22,8 +22,11 @@ Surviving a killed process (SIGKILL, OOM killer, power loss):
 - A trial whose process died stays RUNNING in the storage. Every tuning process holds a ``StorageLease``
   (a shared POSIX lock on ``<storage file>.live``) for its lifetime, and ``study.recover_stale_trials`` fails
   the trials no live process can own (see there); their variants are enqueued again with the same params.
-  RDB storages also send Optuna heartbeats (``HEARTBEAT_S``), so a server database fails the trials of a dead
-  worker on another host after the grace period.
+  RDB storages also send Optuna heartbeats (``HEARTBEAT_S``, or ``FGATTN_HEARTBEAT_S``), so a server database
+  fails the trials of a dead worker on another host after the grace period (twice the interval), and its
+  retry callback (``RetryHeartbeatStaleTrialCallback(max_retry=1)``) enqueues each such trial once again with
+  the same params; a surviving worker picks it up (``study.run_study`` waits for other workers' RUNNING
+  trials).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import re
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +48,7 @@ import optuna
 from ..environment import writable_dir_problem
 
 _RDB_URL = re.compile(r"^(sqlite:///.+|(postgresql|mysql)(\+\w+)?://.+)$")
-HEARTBEAT_S = 60
+HEARTBEAT_S = 60  # RDB heartbeat interval; FGATTN_HEARTBEAT_S overrides it (tests); grace period twice that
 _PARTIAL_LINE_WAIT_S = 0.5  # a last line without its newline may be another process's append in flight
 
 
@@ -194,6 +198,16 @@ def repair_journal(path: str | os.PathLike) -> tuple[Path, int] | None:
     return backup, total - number + 1
 
 
+def heartbeat_s() -> int:
+    """The RDB heartbeat interval in seconds: ``FGATTN_HEARTBEAT_S`` (an int >= 1) or ``HEARTBEAT_S``."""
+    text = os.environ.get("FGATTN_HEARTBEAT_S", "")
+    try:
+        value = int(text)
+    except ValueError:
+        return HEARTBEAT_S
+    return value if value >= 1 else HEARTBEAT_S
+
+
 def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
     """The Optuna storage for ``spec`` (creates the journal's directory; connects to a database); raises
     JournalError for a journal that cannot be replayed and StorageError for one that cannot be opened."""
@@ -212,7 +226,16 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
         except OSError as exc:
             raise StorageError(f"--storage {spec.url}: {exc}") from None
     try:
-        return optuna.storages.RDBStorage(spec.target, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S)
+        heartbeat = heartbeat_s()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
+                retry = {"heartbeat_stale_trial_callback":
+                         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+            else:
+                retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+            return optuna.storages.RDBStorage(spec.target, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                              **retry)
     except Exception as exc:  # SQLAlchemy's OperationalError, a missing driver (ImportError), ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise StorageError(f"--storage {spec.url}: cannot open it ({type(exc).__name__}: {first})") from None

@@ -19,12 +19,16 @@
 - Budget: ``budget`` finished (COMPLETE or PRUNED) trials per study, counted over all runs and workers.
   A rerun only runs what is missing, stops once every candidate has been evaluated, and
   ``MaxTrialsCallback`` stops every worker when the shared study reaches the budget (RUNNING trials of
-  other workers count, so parallel workers do not overshoot).
+  other workers count, so parallel workers do not overshoot). On a storage with heartbeats (PostgreSQL,
+  MySQL: workers on several hosts) a worker that reaches the budget waits while other workers' trials are
+  RUNNING; a trial whose worker died goes stale after the grace period, is failed, retried once (the
+  storage's retry callback) and run by a surviving worker, so the study ends complete.
 """
 
 from __future__ import annotations
 
 import datetime
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -212,11 +216,49 @@ def run_study(study: optuna.Study, space: SearchSpace, objective: Callable[[optu
     for variant in first:
         if variant.key in space.keys:
             study.enqueue_trial(space.trial_params(variant), skip_if_exists=True)
-    waiting = [t.system_attrs.get("fixed_params") for t in trials if t.state == TrialState.WAITING]
+    waiting = [t.system_attrs.get("fixed_params") or t.params for t in trials if t.state == TrialState.WAITING]
     interrupted = {trial_variant_key(t, space) for t in trials if t.state == TrialState.FAIL} - settled
     for key in sorted(interrupted & space.keys):
         params = space.trial_params(space.variant(key))
         if params not in waiting:
             study.enqueue_trial(params)
     stop_at_budget = optuna.study.MaxTrialsCallback(budget, states=(*FINISHED, TrialState.RUNNING))
-    study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[stop_at_budget, *callbacks])
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        study.optimize(objective, n_trials=remaining, timeout=left, callbacks=[stop_at_budget, *callbacks])
+        remaining = _wait_for_other_workers(study, space, budget, deadline)
+        if remaining <= 0:
+            return
+
+
+def _heartbeat_interval(study: optuna.Study) -> int | None:
+    storage = study._storage
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    return interval or None
+
+
+def _wait_for_other_workers(study: optuna.Study, space: SearchSpace, budget: int, deadline: float | None) -> int:
+    """After this worker stopped at the budget: on a storage with heartbeats (a database shared by workers on
+    several hosts), wait while other workers' trials are RUNNING, failing those whose heartbeat stopped
+    (``fail_stale_trials``; the storage's retry callback enqueues them once again). Returns the trials still
+    to run here (> 0 when a retry waits and the study is short of its budget), else 0."""
+    interval = _heartbeat_interval(study)
+    if interval is None:
+        return 0
+    while deadline is None or time.monotonic() < deadline:
+        trials = study.get_trials(deepcopy=False)
+        n_finished = sum(t.state in FINISHED for t in trials)
+        settled = {t.user_attrs.get("variant") for t in trials
+                   if t.state in FINISHED or "fatal_error" in t.user_attrs}
+        if n_finished >= budget or space.keys <= settled:
+            return 0
+        if any(t.state == TrialState.WAITING for t in trials):
+            return budget - n_finished
+        if not any(t.state == TrialState.RUNNING for t in trials):
+            return 0
+        time.sleep(min(interval, 1.0))
+        optuna.storages.fail_stale_trials(study)
+    return 0
