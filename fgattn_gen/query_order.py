@@ -7,14 +7,29 @@ from __future__ import annotations
 import torch
 
 
+_CHECKED = "_fgattn_permutation_version"  # attribute: the tensor version known to be a permutation
+
+
+def mark_permutation(order: torch.Tensor) -> torch.Tensor:
+    """Record that ``order`` (as it is now) is a permutation by construction (an argsort), so that
+    ``check_permutation`` need not synchronise for it; returns ``order``."""
+    setattr(order, _CHECKED, order._version)
+    return order
+
+
 def check_permutation(order: torch.Tensor) -> None:
     """ValueError naming ``query_order`` unless every ``order[b, h]`` is a permutation of ``0 .. Sq-1``.
-    Synchronises; skipped while a CUDA graph is being captured (the capture's eager run has checked it)."""
+    Free for an order made by ``mark_permutation``'s makers (``cluster_order``) and not modified since, or once
+    checked; otherwise it synchronises. Skipped while a CUDA graph is being captured (the capture's eager run
+    has checked it)."""
+    if getattr(order, _CHECKED, None) == order._version:
+        return
     if order.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     expected = torch.arange(order.shape[-1], device=order.device)
     if not torch.equal(order.sort(dim=-1).values, expected.expand_as(order)):
         raise ValueError("query_order: each [b, h] row must be a permutation of 0 .. Sq-1")
+    mark_permutation(order)
 
 
 def gather_queries(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

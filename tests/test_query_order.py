@@ -74,3 +74,24 @@ def test_stats_density(gen, device, seq_q, seq_k, block_m, block_n):
     assert stats.captured_mass is None
     out2, stats2 = attention(q, k, v, keys, return_stats=True)
     assert stats2.density == stats.density
+
+
+def test_permutation_check_is_free_for_cluster_orders(gen, monkeypatch):
+    """A cluster_order result is a permutation by construction: attention() does not sort it again (no host
+    sync); an order changed in place after that is checked again."""
+    from fgattn_gen import query_order
+    from fgattn_gen.predictors import cluster_order
+    q = torch.randn(1, 2, 70, 64, generator=gen).to(torch.float16)
+    order = cluster_order(q, tokens_per_cluster=16)
+    sorts = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **kw: sorts.append(1) or real_sort(self, *a, **kw))
+    query_order.check_permutation(order)
+    assert sorts == []
+    order[0, 0, :2] = order[0, 0, :2].flip(0)  # still a permutation, but changed: checked once more
+    query_order.check_permutation(order)
+    query_order.check_permutation(order)
+    assert sorts == [1]
+    order[0, 0, 0] = order[0, 0, 1]
+    with pytest.raises(ValueError, match="^query_order: each"):
+        query_order.check_permutation(order)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..compaction import workspace_budget
+from ..query_order import mark_permutation
 
 _BYTES_PER_SCORE = 4  # per (query, centroid): the bf16 score and the argmax temporaries
 
@@ -52,7 +53,7 @@ def cluster_order(q: torch.Tensor, *, tokens_per_cluster: int = 256, steps: int 
             centroids = torch.where(sums.norm(dim=-1, keepdim=True) > 0, _unit(sums), centroids)
         assign = torch.matmul(points, centroids.to(points.dtype).transpose(1, 2)).argmax(-1)  # [n, S]
         order[start:start + chunk] = (assign * seq + position).argsort(-1)
-    return order.view(b, h, seq)
+    return mark_permutation(order.view(b, h, seq))  # argsorts: a permutation per head
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
