@@ -13,6 +13,7 @@ import torch
 
 from .attention_api import attention
 from .keyset import KeySet
+from .query_order import check_permutation, mark_permutation
 
 
 def _group_size_and_rank(group) -> tuple[int, int]:
@@ -45,7 +46,10 @@ def _shard_keys(keys: KeySet, heads: int, world: int, rank: int) -> KeySet:
                          f"(H={heads} heads), got one with {keys.bits.shape[1]} heads")
     per_rank = heads // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    order = None if keys.query_order is None else keys.query_order[:, rows].contiguous()
+    order = None
+    if keys.query_order is not None:  # the rows of a checked permutation are permutations: no check per rank
+        check_permutation(keys.query_order)
+        order = mark_permutation(keys.query_order[:, rows].contiguous())
     return KeySet(keys.bits[:, rows].contiguous(), keys.n_kblocks, keys.block_m, keys.block_n,
                   keys.density_hint, order)
 
