@@ -145,13 +145,13 @@ def test_gpu_cuda_words_match_triton_and_slow(d, seq_q, seq_k, t_x_sk):
                 impl="kernels")
     cuda = block_stat(q, k, lse, kernel="cuda", **args)
     tri = block_stat(q, k, lse, kernel="triton", **args)
-    slow = block_stat(q.float(), k.float(), lse, **{**args, "precision": "exact", "backend": "torch"})
+    slow = block_stat(q.float(), k.float(), lse, **{**args, "precision": "exact", "impl": "torch"})
     assert cuda.shape == tri.shape == (3, math.ceil(seq_q / 128), math.ceil(seq_k / 32))
     cb, tb, sb = _bits(cuda), _bits(tri), _bits(slow)
     assert not cb[..., seq_k:].any()
     # fractions, with a few bits of slack on the smallest shapes (a few hundred bits in all)
     assert (cb != tb).sum().item() <= max(1e-3 * cb.numel(), 2)
-    log_max = block_stat(q.float(), k.float(), lse, **{**args, "mode": "max", "precision": "exact", "backend": "torch"})
+    log_max = block_stat(q.float(), k.float(), lse, **{**args, "mode": "max", "precision": "exact", "impl": "torch"})
     far = (log_max - math.log(args["threshold"])).abs() > 0.5
     assert torch.equal(cb[..., :seq_k][far], sb[..., :seq_k][far])
     assert (cb[..., :seq_k] != sb[..., :seq_k]).float().mean().item() <= 0.08
