@@ -39,7 +39,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchlib import RESULTS, header_lines, run_info, timer, write_results  # noqa: E402
+from benchlib import RESULTS, header_lines, rel_l2, run_info, timer, write_results  # noqa: E402
 from fgattn_gen import attention  # noqa: E402
 from fgattn_gen.ditdata import FAMILIES, SHAPES, DitShape, dit_qkv  # noqa: E402
 from fgattn_gen.predictors import exact_mask, pooled_top_p, predict  # noqa: E402
@@ -54,16 +54,6 @@ CPU_SHAPES = {"narrow-cpu": SHAPES["narrow-cpu"]}
 EXACT_SCALES = (0.5, 1, 2, 4, 8, 16, 32)  # exact mask thresholds c / S
 BLOCK_SCALES = (0.25, 0.5, 1, 2, 4)  # 128 x 128 threshold rule, c / n_kblocks
 DEFAULT_SCALES = (0.5, 1, 2, 4, 8)  # predict(threshold_scale=...)
-
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor, heads_per_chunk: int = 4) -> float:
-    """|out - ref| / |ref| over ``[B, H, S, D]`` tensors, in fp32 a few heads at a time."""
-    num = den = 0.0
-    for h0 in range(0, ref.shape[1], heads_per_chunk):
-        o, r = out[:, h0:h0 + heads_per_chunk].float(), ref[:, h0:h0 + heads_per_chunk].float()
-        num += float((o - r).square().sum())
-        den += float(r.square().sum())
-    return (num / den) ** 0.5
 
 
 def interpolate(curve: list[tuple[float, float]], density: float) -> float | None:

@@ -36,7 +36,6 @@ if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at dec
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
@@ -44,7 +43,7 @@ from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from benchlib import header_lines, run_info, write_results  # noqa: E402
+from benchlib import header_lines, random_model, run_info, write_results  # noqa: E402
 from fgattn_gen.integrations import SparseSelfAttention, install  # noqa: E402
 
 FULL_LAYERS = (20, 40)  # dual-stream, single-stream blocks of the released model
@@ -60,23 +59,10 @@ def block_counts(layers: int | None) -> tuple[int, int]:
     return layers // 3, layers - layers // 3
 
 
-@torch.no_grad()
 def build_model(dual: int, single: int, heads: int, device: str, seed: int) -> HunyuanVideoTransformer3DModel:
     """Default-config HunyuanVideo transformer with random bf16 weights, allocated directly on ``device``."""
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HunyuanVideoTransformer3DModel(num_layers=dual, num_single_layers=single,
-                                               num_attention_heads=heads).to(dtype=torch.bfloat16)
-    model = model.to_empty(device=device).eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
-        elif name.endswith("weight"):
-            p.fill_(1.0)
-        else:
-            p.zero_()
-    return model
+    return random_model(lambda: HunyuanVideoTransformer3DModel(num_layers=dual, num_single_layers=single,
+                                                               num_attention_heads=heads), device, seed)
 
 
 def make_inputs(args, device: str) -> dict:

@@ -1,5 +1,5 @@
-"""Helpers the benchmark scripts share: a timer, the run header (card, date, versions) and the results writer
-(bench/results/<name>.json + .md)."""
+"""Helpers the benchmark scripts share: a timer, the run header (card, date, versions), the results writer
+(bench/results/<name>.json + .md), relative L2, and full-size models with random weights."""
 
 from __future__ import annotations
 
@@ -52,3 +52,33 @@ def write_results(name: str, result: dict, table: str) -> Path:
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
     return RESULTS / f"{name}.md"
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor, heads_per_chunk: int = 4) -> float:
+    """|out - ref| / |ref| over ``[B, H, S, D]`` tensors, in fp32 a few heads at a time."""
+    num = den = 0.0
+    for h0 in range(0, ref.shape[1], heads_per_chunk):
+        o, r = out[:, h0:h0 + heads_per_chunk].float(), ref[:, h0:h0 + heads_per_chunk].float()
+        num += float((o - r).square().sum())
+        den += float(r.square().sum())
+    return (num / den) ** 0.5
+
+
+@torch.no_grad()
+def random_model(make: Callable[[], torch.nn.Module], device: str, seed: int) -> torch.nn.Module:
+    """``make()`` built on the meta device in bf16, allocated on ``device`` (``to_empty``) and filled there:
+    matrices N(0, 1/fan_in), norm weights 1, biases 0; in eval mode."""
+    import warnings
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make().to(dtype=torch.bfloat16)
+    model = model.to_empty(device=device).eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+        elif name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+    return model

@@ -62,6 +62,10 @@ In every family the 128-token query blocks of the small CPU study shapes (``stud
 ``narrow-cpu``: width 20) span 4-6 latent rows, so a local or window head's rows in one block want
 different neighbourhoods (at HunyuanVideo's width 80 a block spans 1.6 rows).
 
+Trajectories (``trajectory``): the same scene over the steps of a denoising run, its video tokens' hidden state
+settling from noise (fast early, slowly late, each head at its own speed) onto ``dit_qkv``'s, for predictors
+that reuse masks across steps (``CachedMask``).
+
 Shapes: ``SHAPES`` has the real HunyuanVideo 720p, Wan2.1-14B 720p and CogVideoX-5B shapes, read from the model
 presets (``preset_shape``: any preset shape with a grid), GPU benchmark shapes of 8-33K tokens, and small CPU shapes (``study-cpu``: 2,317 tokens, 6 heads, D=64, a length
 no power-of-two block divides). Generation runs on ``device`` with a generator of that device seeded by
@@ -71,6 +75,7 @@ no power-of-two block divides). Generation runs on ``device`` with a generator o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -339,6 +344,101 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
+@dataclass(frozen=True)
+class _Head:
+    """Every random draw of one head (``dit_qkv``'s draws, in its order) and its logit scales; no content."""
+
+    kind: str
+    proj_q: torch.Tensor  # fp32 [C, D]
+    proj_k: torch.Tensor
+    proj_v: torch.Tensor
+    position: torch.Tensor  # fp32 [D]: the scaled position carrier
+    noise_q: torch.Tensor  # fp32 [B, S, D]: _QK_NOISE token noise
+    noise_k: torch.Tensor
+    noise_v: torch.Tensor  # fp32 [B, S, D]: _V_NOISE token noise
+    sink: torch.Tensor | None  # fp32 [D]: sink heads' shared direction
+    semantic: tuple[float, torch.Tensor] | None  # semantic heads: content gain and k's projection
+    offset: torch.Tensor | None  # fp32 [D]: non-smooth families' query offset direction
+
+
+def _draw_head(shape: DitShape, kind: str, family: str, batch: int, gen: torch.Generator, device) -> _Head:
+    """The random draws of one head of ``dit_qkv`` (the same order, so the tensors stay bit-identical)."""
+    d, c, seq = shape.head_dim, _CONTENT_CHANNELS, shape.seq
+    proj_q = torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
+    proj_k = proj_q + 0.5 * torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
+    proj_v = torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
+    low, high = _PEAK_LOGIT
+    uniform = float(torch.rand((), generator=gen, device=device))
+    peak = low + (high - low) * uniform
+    if kind == "window":
+        peak *= _WINDOW_SHARPNESS
+    elif kind == "semantic":  # weak position; the content term carries the head
+        peak = _SEMANTIC_POSITION_LOGIT[0] + (_SEMANTIC_POSITION_LOGIT[1] - _SEMANTIC_POSITION_LOGIT[0]) * uniform
+    position = math.sqrt(peak * math.sqrt(d)) * _carrier(shape, kind, gen, device)
+    noise_q = _QK_NOISE * torch.randn(batch, seq, d, generator=gen, device=device)
+    noise_k = _QK_NOISE * torch.randn(batch, seq, d, generator=gen, device=device)
+    sink = semantic = offset = None
+    if kind == "sink":
+        direction = torch.randn(d, generator=gen, device=device)
+        sink = direction / direction.norm() * (_SINK_LOGIT * math.sqrt(d)) ** 0.5
+    elif kind == "semantic":
+        semantic_peak = low + (high - low) * float(torch.rand((), generator=gen, device=device))
+        proj_ks = proj_q + _SEMANTIC_PROJ_NOISE * torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
+        semantic = (math.sqrt(semantic_peak * math.sqrt(d)), proj_ks)
+    if family != "smooth":
+        offset = _unit(torch.randn(d, generator=gen, device=device))
+    noise_v = _V_NOISE * torch.randn(batch, seq, d, generator=gen, device=device)
+    return _Head(kind, proj_q, proj_k, proj_v, position, noise_q, noise_k, noise_v, sink, semantic, offset)
+
+
+def _head_qkv(shape: DitShape, head: _Head, content: torch.Tensor, angles: torch.Tensor, text: torch.Tensor,
+              sharpness: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 q, k, v ``[B, S, D]`` of one head over the hidden state ``content`` ``[B, S, C]``."""
+    d, c = shape.head_dim, _CONTENT_CHANNELS
+    content_gain = 0.0 if head.kind == "semantic" else _CONTENT_GAIN * (c / d) ** 0.25
+    q = head.position + content_gain * content @ head.proj_q + head.noise_q
+    k = head.position + content_gain * content @ head.proj_k + head.noise_k
+    q, k = _rotate(q, angles), _rotate(k, angles)
+    if head.sink is not None:
+        q = q + head.sink
+        k = k + head.sink * text[:, None]
+    elif head.semantic is not None:  # after the rotation: q_i . k_j ~ peak * cos(content_i, content_j)
+        gain, proj_ks = head.semantic
+        q = q + gain * _unit(content @ head.proj_q)
+        k = k + gain * _unit(content @ proj_ks)
+    if head.offset is not None:  # a shared query offset that every key is orthogonal to (module docstring)
+        k = k - (k @ head.offset)[..., None] * head.offset
+        q = q + _QUERY_OFFSET * q.square().sum(-1).mean().sqrt() * head.offset
+    if sharpness is not None:
+        q = q * sharpness
+    return q, k, content @ head.proj_v + head.noise_v
+
+
+def _resolve(shape: DitShape | str, family: str, kinds: tuple[str, ...] | None) -> tuple[DitShape, tuple[str, ...]]:
+    """The ``DitShape`` and the head kinds of ``dit_qkv``'s arguments (errors name the argument)."""
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise ValueError(f"shape: unknown DiT shape {shape!r}; known: {sorted(SHAPES)}")
+        shape = SHAPES[shape]
+    if not isinstance(shape, DitShape):
+        raise TypeError(f"shape: expected a DitShape or a name in SHAPES, got {type(shape).__name__}")
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    if kinds is None:
+        cycle = FAMILY_KINDS[family]
+        kinds = tuple(cycle[i % len(cycle)] for i in range(shape.heads))
+    if len(kinds) != shape.heads or any(kind not in ALL_KINDS for kind in kinds):
+        raise ValueError(f"kinds: expected {shape.heads} head kinds from {ALL_KINDS}, got {kinds!r}")
+    return shape, tuple(kinds)
+
+
+def _text_tokens(shape: DitShape, device) -> torch.Tensor:
+    """bool ``[S]``: True at the text tokens."""
+    text = torch.zeros(shape.seq, dtype=torch.bool, device=device)
+    text[slice(*shape.text_range)] = True
+    return text
+
+
 def dit_qkv(shape: DitShape | str, *, batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
             device: torch.device | str = "cpu", kinds: tuple[str, ...] | None = None,
             family: str = "smooth") -> DitAttention:
@@ -357,62 +457,125 @@ def dit_qkv(shape: DitShape | str, *, batch: int = 1, seed: int = 0, dtype: torc
         ``DitAttention`` with q, k, v ``[batch, heads, seq, head_dim]`` in ``dtype`` on ``device``, the kinds,
         the family, the token cluster labels (scattered, regions) and the heads' sharpness (mixed-sharpness).
     """
-    if isinstance(shape, str):
-        if shape not in SHAPES:
-            raise ValueError(f"shape: unknown DiT shape {shape!r}; known: {sorted(SHAPES)}")
-        shape = SHAPES[shape]
-    if family not in FAMILIES:
-        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
-    if kinds is None:
-        cycle = FAMILY_KINDS[family]
-        kinds = tuple(cycle[i % len(cycle)] for i in range(shape.heads))
-    if len(kinds) != shape.heads or any(kind not in ALL_KINDS for kind in kinds):
-        raise ValueError(f"kinds: expected {shape.heads} head kinds from {ALL_KINDS}, got {kinds!r}")
+    shape, kinds = _resolve(shape, family, kinds)
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    d, c, seq = shape.head_dim, _CONTENT_CHANNELS, shape.seq
     content, labels = _family_content(shape, family, batch, gen, device)
     sharpness = _sharpness(shape.heads, gen, device) if family == "mixed-sharpness" else None
-    angles = _rope_angles(shape, device)
-    text = torch.zeros(seq, dtype=torch.bool, device=device)
-    text[slice(*shape.text_range)] = True
-    out = {name: torch.empty(batch, shape.heads, seq, d, dtype=dtype, device=device) for name in "qkv"}
+    angles, text = _rope_angles(shape, device), _text_tokens(shape, device)
+    out = {name: torch.empty(batch, shape.heads, shape.seq, shape.head_dim, dtype=dtype, device=device)
+           for name in "qkv"}
     for h, kind in enumerate(kinds):
-        proj_q = torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
-        proj_k = proj_q + 0.5 * torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
-        proj_v = torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
-        low, high = _PEAK_LOGIT
-        uniform = float(torch.rand((), generator=gen, device=device))
-        peak = low + (high - low) * uniform
-        if kind == "window":
-            peak *= _WINDOW_SHARPNESS
-        elif kind == "semantic":  # weak position; the content term below carries the head
-            peak = _SEMANTIC_POSITION_LOGIT[0] + (_SEMANTIC_POSITION_LOGIT[1] - _SEMANTIC_POSITION_LOGIT[0]) * uniform
-        position = math.sqrt(peak * math.sqrt(d)) * _carrier(shape, kind, gen, device)
-        content_gain = 0.0 if kind == "semantic" else _CONTENT_GAIN * (c / d) ** 0.25
-        q = position + content_gain * content @ proj_q + _QK_NOISE * torch.randn(batch, seq, d, generator=gen,
-                                                                                   device=device)
-        k = position + content_gain * content @ proj_k + _QK_NOISE * torch.randn(batch, seq, d, generator=gen,
-                                                                                   device=device)
-        q, k = _rotate(q, angles), _rotate(k, angles)
-        if kind == "sink":
-            direction = torch.randn(d, generator=gen, device=device)
-            direction = direction / direction.norm() * (_SINK_LOGIT * math.sqrt(d)) ** 0.5
-            q = q + direction
-            k = k + direction * text[:, None]
-        elif kind == "semantic":  # after the rotation: q_i . k_j ~ peak * cos(content_i, content_j)
-            semantic_peak = low + (high - low) * float(torch.rand((), generator=gen, device=device))
-            proj_ks = proj_q + _SEMANTIC_PROJ_NOISE * torch.randn(c, d, generator=gen, device=device) / math.sqrt(c)
-            gain = math.sqrt(semantic_peak * math.sqrt(d))
-            q = q + gain * _unit(content @ proj_q)
-            k = k + gain * _unit(content @ proj_ks)
-        if family != "smooth":  # a shared query offset that every key is orthogonal to (module docstring)
-            offset = _unit(torch.randn(d, generator=gen, device=device))
-            k = k - (k @ offset)[..., None] * offset
-            q = q + _QUERY_OFFSET * q.square().sum(-1).mean().sqrt() * offset
-        if sharpness is not None:
-            q = q * sharpness[h]
-        out["q"][:, h], out["k"][:, h] = q.to(dtype), k.to(dtype)
-        noise = _V_NOISE * torch.randn(batch, seq, d, generator=gen, device=device)
-        out["v"][:, h] = (content @ proj_v + noise).to(dtype)
-    return DitAttention(out["q"], out["k"], out["v"], shape, tuple(kinds), family, labels, sharpness)
+        head = _draw_head(shape, kind, family, batch, gen, device)
+        q, k, v = _head_qkv(shape, head, content, angles, text, None if sharpness is None else sharpness[h])
+        out["q"][:, h], out["k"][:, h], out["v"][:, h] = q.to(dtype), k.to(dtype), v.to(dtype)
+    return DitAttention(out["q"], out["k"], out["v"], shape, kinds, family, labels, sharpness)
+
+
+# ---------------------------------------------------------------------------------------- trajectories
+_TRAJECTORY_SPEEDS = (0.5, 2.0)  # per-head factor on the schedule's shift, log-uniform in this range
+_WANDER = 0.15  # slow straight perturbation of the video hidden state at drift 1, over the run (content rms 1)
+_TRAJECTORY_SEED = 0x9E3779B9  # offset of the trajectory generator's seed from the scene's
+
+
+class Trajectory(Sequence):
+    """The attention inputs of one DiT scene over the steps of a denoising run (``trajectory``).
+
+    ``traj[t]`` (t in ``range(len(traj))``, negative indices too) and iteration give ``DitAttention``; the
+    tensors of a step are generated when asked for (one step's q/k/v and the scene's ``[B, S, C]`` hidden
+    states live at a time). Attributes: ``sigmas`` (noise level of each step and head, ``[steps][heads]``,
+    1 -> 0), ``shifts`` (each head's shift), ``drift``, ``shift``, ``shape``, ``kinds``, ``family``.
+    """
+
+    def __init__(self, shape: DitShape, family: str, kinds: tuple[str, ...], *, steps: int, drift: float,
+                 shift: float, seed: int, batch: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.family, self.kinds = shape, family, kinds
+        self.drift, self.shift, self.dtype, self.device = drift, shift, dtype, device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self._content, self.labels = _family_content(shape, family, batch, gen, device)
+        self.sharpness = _sharpness(shape.heads, gen, device) if family == "mixed-sharpness" else None
+        self._head_state = gen.get_state()  # the heads' draws are replayed from here at every step
+        extra = torch.Generator(device=device).manual_seed(seed + _TRAJECTORY_SEED)
+        self._video = ~_text_tokens(shape, device)[:, None]  # [S, 1]: the prompt is not noised
+        size = (batch, shape.seq, _CONTENT_CHANNELS)
+        self._noise = torch.randn(size, generator=extra, device=device) * self._video
+        self._wander = torch.randn(size, generator=extra, device=device) * self._video
+        low, high = (math.log(x) for x in _TRAJECTORY_SPEEDS)
+        logs = low + (high - low) * torch.rand(shape.heads, generator=extra, device=device)
+        self.shifts = tuple(shift * math.exp(x) for x in logs.tolist())
+        self._u = tuple(1.0 - t / (steps - 1) for t in range(steps))  # flow time, 1 -> 0
+        self.sigmas = tuple(tuple(s * u / (1.0 + (s - 1.0) * u) for s in self.shifts) for u in self._u)
+        self._angles, self._text = _rope_angles(shape, device), _text_tokens(shape, device)
+
+    def __len__(self) -> int:
+        return len(self._u)
+
+    def __getitem__(self, step: int) -> DitAttention:
+        if isinstance(step, bool) or not isinstance(step, int) or not -len(self) <= step < len(self):
+            raise IndexError(f"step: expected an int in [{-len(self)}, {len(self)}), got {step!r}")
+        step %= len(self)
+        base = self._content + self.drift * _WANDER * self._u[step] * self._wander
+        gen = torch.Generator(device=self.device)
+        gen.set_state(self._head_state)
+        shape = self.shape
+        out = {name: torch.empty(self._content.shape[0], shape.heads, shape.seq, shape.head_dim, dtype=self.dtype,
+                                 device=self.device) for name in "qkv"}
+        for h, kind in enumerate(self.kinds):
+            head = _draw_head(shape, kind, self.family, self._content.shape[0], gen, self.device)
+            theta = self.drift * math.pi / 2 * self.sigmas[step][h]
+            content = torch.where(self._video, math.cos(theta) * base + math.sin(theta) * self._noise, base)
+            q, k, v = _head_qkv(shape, head, content, self._angles, self._text,
+                                None if self.sharpness is None else self.sharpness[h])
+            out["q"][:, h], out["k"][:, h], out["v"][:, h] = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
+        return DitAttention(out["q"], out["k"], out["v"], shape, self.kinds, self.family, self.labels,
+                            self.sharpness)
+
+    def __iter__(self) -> Iterator[DitAttention]:
+        return (self[t] for t in range(len(self)))
+
+
+def trajectory(shape: DitShape | str, family: str = "smooth", *, steps: int = 50, drift: float = 1.0,
+               shift: float = 0.3, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str = "cpu", kinds: tuple[str, ...] | None = None) -> Trajectory:
+    """One scene over ``steps`` denoising steps: the attention inputs settle from noise onto ``dit_qkv``'s.
+
+    The heads (projections, position carriers, token noise) are those of ``dit_qkv`` with the same arguments
+    and stay fixed; what moves is the video tokens' hidden state. At step t (flow time ``u = 1 - t / (steps -
+    1)``) head h sees ``cos(a) (x + drift * 0.15 u w) + sin(a) e`` with ``a = drift * pi/2 * sigma_h(u)``,
+    ``sigma_h(u) = s_h u / (1 + (s_h - 1) u)`` (the flow-matching shift schedule, 1 -> 0): x the scene's hidden
+    state, e i.i.d. unit noise (variance preserving mix), w an i.i.d. unit field (a slow straight wander that
+    ends at the scene), ``s_h = shift * f_h`` with f_h log-uniform in [0.5, 2] per head (heads settle at
+    different speeds). sigma_h falls at rate ``1 / s_h`` at the first step and ``s_h`` at the last, so with
+    ``shift < 0.5`` every head changes fast early and slowly late (what video DiTs' attention maps show). Text
+    tokens are not noised: text-anchored (sink) and position-dominated heads move little, content-driven
+    (semantic) heads most. The last step is exactly ``dit_qkv(shape, seed=seed, ...)``; ``drift=0`` gives that
+    scene at every step.
+
+    Args:
+        shape: a ``DitShape`` or a name in ``SHAPES`` (``dataclasses.replace(shape, heads=n)`` for a few heads).
+        family: one of ``FAMILIES``.
+        steps: denoising steps, >= 2.
+        drift: in [0, 1]: 1 starts the video tokens from pure noise, 0 never moves.
+        shift: the schedule's shift, > 0 (default 0.3: per head 0.15-0.6, sigma falls 3-44x faster at the first
+            step than at the last).
+        seed: seeds the scene (as ``dit_qkv``) and, offset, the noise, wander and speeds.
+        batch, dtype, device, kinds: as ``dit_qkv``.
+    Returns:
+        ``Trajectory``: ``traj[t]`` is a ``DitAttention`` with q, k, v ``[batch, heads, seq, head_dim]`` in
+        ``dtype`` on ``device``.
+    """
+    shape, kinds = _resolve(shape, family, kinds)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps: expected an int >= 2 (denoising steps), got {steps!r}")
+    if isinstance(drift, bool) or not isinstance(drift, (int, float)) or not 0.0 <= drift <= 1.0:
+        raise ValueError(f"drift: expected a number in [0, 1], got {drift!r}")
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0.0 < shift < math.inf:
+        raise ValueError(f"shift: expected a finite number > 0, got {shift!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    return Trajectory(shape, family, kinds, steps=steps, drift=float(drift), shift=float(shift), seed=seed,
+                      batch=batch, dtype=dtype, device=torch.device(device))

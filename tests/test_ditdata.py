@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fgattn_gen.ditdata import DEFAULT_KIND_CYCLE, KINDS, SHAPES, DitShape, dit_qkv
+from fgattn_gen.ditdata import DEFAULT_KIND_CYCLE, KINDS, SHAPES, DitShape, dit_qkv, trajectory
 
 SMALL = DitShape("small", 4, 8, 12, 32, 4, 128)
 
@@ -232,3 +232,82 @@ def test_preset_shapes_come_from_the_presets():
         assert preset_shape(model, shape, name) == dit
     with pytest.raises(ValueError, match="^shape: preset 'hunyuan' has no shape"):
         preset_shape("hunyuan", "8k")
+
+
+# ---------------------------------------------------------------------------------------- trajectories
+def _rel_change(a, b):
+    return float((b.float() - a.float()).norm() / a.float().norm())
+
+
+def _exact_mask(data, block_m=64):
+    """bool ``[H, n_qblocks, S]``: keys whose fp32 probability exceeds 2 / S for some query of the block (the
+    exact mask's threshold rule)."""
+    probs = _probs(data)
+    seq = probs.shape[-1]
+    padded = torch.nn.functional.pad(probs, (0, 0, 0, -seq % block_m))
+    return padded.unflatten(1, (-1, block_m)).amax(2) > 2 / seq
+
+
+def _iou(a, b):
+    return float((a & b).sum() / (a | b).sum())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trajectory_settles_fast_early_slow_late(family):
+    """q changes more between the first steps than the last ones, in every head, and the exact mask of
+    consecutive steps overlaps less early than late; the last step is dit_qkv's scene."""
+    traj = trajectory(NARROW, family, steps=12, seed=1, dtype=torch.float32)
+    first, second, before_last, last = traj[0], traj[1], traj[-2], traj[-1]
+    scene = dit_qkv(NARROW, family=family, seed=1, dtype=torch.float32)
+    assert len(traj) == 12 and torch.equal(last.q, scene.q) and torch.equal(last.k, scene.k)
+    assert torch.equal(last.v, scene.v) and last.kinds == scene.kinds and last.family == family
+    early = [_rel_change(first.q[0, h], second.q[0, h]) for h in range(NARROW.heads)]
+    late = [_rel_change(before_last.q[0, h], last.q[0, h]) for h in range(NARROW.heads)]
+    assert all(e > 1.5 * lt for e, lt in zip(early, late)), (early, late)
+    assert max(early) > 1.3 * min(early)  # heads drift at different speeds
+    early_iou = _iou(_exact_mask(first), _exact_mask(second))
+    late_iou = _iou(_exact_mask(before_last), _exact_mask(last))
+    assert early_iou < late_iou and late_iou > 0.97, (early_iou, late_iou)
+    assert all(torch.equal(d.v[:, :, slice(*NARROW.text_range)], scene.v[:, :, slice(*NARROW.text_range)])
+               for d in (first, second))  # the prompt is not noised
+
+
+def test_trajectory_drift_controls_the_change():
+    strong = trajectory(NARROW, "content", steps=8, drift=1.0, dtype=torch.float32)
+    weak = trajectory(NARROW, "content", steps=8, drift=0.2, dtype=torch.float32)
+    assert _rel_change(weak[0].q, weak[1].q) < 0.5 * _rel_change(strong[0].q, strong[1].q)
+    frozen = trajectory(NARROW, "content", steps=5, drift=0, dtype=torch.float32)
+    scene = dit_qkv(NARROW, family="content", dtype=torch.float32)
+    for data in frozen:
+        assert torch.equal(data.q, scene.q) and torch.equal(data.k, scene.k) and torch.equal(data.v, scene.v)
+
+
+def test_trajectory_is_seeded():
+    a, b = trajectory(NARROW, "regions", steps=6, seed=4), trajectory(NARROW, "regions", steps=6, seed=4)
+    c = trajectory(NARROW, "regions", steps=6, seed=5)
+    for t in (0, 3):
+        assert torch.equal(a[t].q, b[t].q) and torch.equal(a[t].k, b[t].k) and torch.equal(a[t].v, b[t].v)
+        assert not torch.equal(a[t].q, c[t].q)
+    assert torch.equal(a[2].q, a[-4].q) and a.shifts == b.shifts
+    assert a.sigmas[0] == pytest.approx((1.0,) * NARROW.heads) and a.sigmas[-1] == (0.0,) * NARROW.heads
+    assert [d.q.dtype for d in a] == [torch.bfloat16] * 6
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=1), "^steps: expected an int >= 2"), (dict(steps=4.0), "^steps: "),
+    (dict(drift=1.5), r"^drift: expected a number in \[0, 1\]"), (dict(drift=-0.1), "^drift: "),
+    (dict(shift=0), "^shift: expected a finite number > 0"), (dict(shift=float("inf")), "^shift: "),
+    (dict(seed=-1), "^seed: "), (dict(batch=0), "^batch: "), (dict(dtype=torch.int32), "^dtype: "),
+    (dict(family="noisy"), "^family: "), (dict(kinds=("local",)), "^kinds: "),
+])
+def test_trajectory_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        trajectory(NARROW, **kwargs)
+
+
+def test_trajectory_bad_step():
+    traj = trajectory(NARROW, steps=3)
+    with pytest.raises(IndexError, match=r"^step: expected an int in \[-3, 3\)"):
+        traj[3]
+    with pytest.raises(ValueError, match="^shape: unknown"):
+        trajectory("wan-900p")

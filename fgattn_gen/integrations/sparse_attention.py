@@ -42,7 +42,7 @@ class SparseSelfAttention:
         for name, value in (("block_m", block_m), ("block_n", block_n)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if predictor == "cached_exact":
+        if predictor == "cached_exact" and "policy" not in knobs:
             knobs.setdefault("refresh_steps", HUNYUAN_REFRESH_STEPS)
         make_predictor(predictor, block_m=block_m, block_n=block_n, **knobs)  # validates the knobs now
         self.predictor = predictor

@@ -9,7 +9,8 @@ predictor="name")`` and the diffusers integration take (``PREDICTORS``).
 - ``pooled_top_p(q, k, ...)``: mean query of each pooled group, top-p (or a threshold) over softmax(q̄ . k̄)
   (cheap, every step).
 - ``exact_mask(q, k, v, ...)``: one dense pass returns the output and the exact mask of its probabilities.
-- ``CachedMask``: exact masks at a few refresh steps, reused per layer and CFG branch in between.
+- ``CachedMask``: exact masks refreshed at fixed steps (``FixedRefresh``) or when the cached mask keeps too
+  little mass (``AdaptiveRefresh``), reused per layer and CFG branch in between.
 - ``SetKeys``: every key, or a synthetic local mask of a density (benchmarks).
 - ``captured_mass(q, k, keys)``: per query block, the softmax mass a KeySet keeps, from a few exact rows.
 - ``widen_to_mass(q, k, keys, min_mass=0.95)``: widens the blocks whose estimated mass is below min_mass.
@@ -24,7 +25,7 @@ under ``TRITON_INTERPRET=1``, and without it the same functions fall back to tor
 """
 
 from .base import PerCall, Prediction, Predictor
-from .cached_mask import CachedMask
+from .cached_mask import AdaptiveRefresh, CachedMask, FixedRefresh
 from .captured_mass import captured_mass
 from .default import predict
 from .exact_mask import exact_mask
@@ -34,5 +35,5 @@ from .pooled_top_p import pooled_top_p
 from .query_clusters import cluster_order
 from .set_keys import SetKeys
 
-__all__ = ["CachedMask", "PREDICTORS", "PerCall", "Prediction", "Predictor", "SetKeys", "captured_mass",
+__all__ = ["AdaptiveRefresh", "CachedMask", "FixedRefresh", "PREDICTORS", "PerCall", "Prediction", "Predictor", "SetKeys", "captured_mass",
            "cluster_order", "exact_mask", "knob_names", "make_predictor", "pooled_top_p", "predict", "widen_to_mass"]
