@@ -7,9 +7,13 @@ that layer (and CFG branch, unless branches share one) is reused. When a layer r
 - ``AdaptiveRefresh(refresh_below, warmup=, max_age=, samples=, sync=)``: the first ``warmup`` steps are dense
   (the last of them refreshes: dense output + mask); afterwards each call first estimates, with
   ``captured_mass`` (``samples`` rows per query block, one fused pass over the keys: about ``samples / 128`` of
-  a dense call's q k^T work), the softmax mass that the cached KeySet keeps on the current step's q and k. The
-  layer's score is the lowest, over batch and heads, of the mean over query blocks; below ``refresh_below``
-  the layer refreshes, as it does when its mask is ``max_age`` steps old.
+  a dense call's q k^T work), the softmax mass that the cached KeySet keeps on the current step's q and k, and
+  compares it with the mass the same KeySet kept on the step it was made at (estimated there the same way).
+  The layer's score is the lowest, over batch and heads, of that ratio of the means over query blocks; below
+  ``refresh_below`` the layer refreshes, as it does when its mask is ``max_age`` steps old. The ratio, not the
+  mass itself: an exact mask at a threshold keeps a fixed share of its own step's mass (0.6-0.95, depending
+  on the threshold and the head), so an absolute bar would refresh a sparse mask at every step or a dense
+  one never; the ratio measures what the steps since the refresh lost.
 
   The decision is a host-side bool. ``sync=True`` (default) reads the score at once: one host synchronisation
   per layer call at the reuse steps (it waits for the queued GPU work, then the next launches start from an
@@ -59,7 +63,8 @@ class AdaptiveRefresh:
     """Refresh when the cached mask keeps too little mass on the current step (module docstring).
 
     Args:
-        refresh_below: in (0, 1]: refresh when the layer's captured-mass score falls below it.
+        refresh_below: in (0, 1]: refresh when the cached mask keeps less than this fraction of the mass it
+            kept on its own step (the layer's score, module docstring); e.g. 0.95.
         warmup: steps >= 0 computed dense at the start of a generation (step ``warmup - 1`` also builds the
             mask; 0 and 1 both refresh at step 0).
         max_age: refresh a mask this many steps (>= 1) after it was made, or None for no limit.
@@ -75,7 +80,8 @@ class AdaptiveRefresh:
 
     def __post_init__(self):
         if not checks._is_real(self.refresh_below) or not 0.0 < self.refresh_below <= 1.0:
-            raise ValueError(f"refresh_below: expected a captured-mass threshold in (0, 1], got {self.refresh_below!r}")
+            raise ValueError(f"refresh_below: expected a fraction in (0, 1] of the fresh mask's captured mass, "
+                             f"got {self.refresh_below!r}")
         if not _is_int(self.warmup) or self.warmup < 0:
             raise ValueError(f"warmup: expected a number of dense steps >= 0, got {self.warmup!r}")
         if self.max_age is not None and (not _is_int(self.max_age) or self.max_age < 1):
@@ -146,6 +152,7 @@ class _Entry:
     keys: KeySet
     step: int  # the step whose dense pass produced the mask
     density: _Density
+    fresh: torch.Tensor | None = None  # adaptive: fp32 [B, H] mean captured mass on the step it was made at
     pending: _Score | None = None  # sync=False: the last reuse call's score, read at the next call
 
 
@@ -258,7 +265,7 @@ class CachedMask(Predictor):
             entry = self._entries[slot]
             keys = _copy_to(entry.keys, q.device)
             mass = captured_mass(q, k, keys, samples=self.policy.samples, scale=self.scale)
-            score = _Score(mass.mean(-1).amin())
+            score = _Score((mass.mean(-1) / entry.fresh.to(mass.device)).amin())
             if self.policy.sync:
                 low = score.value(wait=True) < self.policy.refresh_below
                 action = "refresh" if low else "reuse"
@@ -273,7 +280,11 @@ class CachedMask(Predictor):
         if action == "refresh":
             out, keys = exact_mask(q, k, v, **self.mask_options)
             stored = _copy_to(keys, torch.device("cpu")) if self.offload_masks else keys
-            self._entries[slot] = _Entry(stored, step, _Density(keys))
+            fresh = None
+            if isinstance(self.policy, AdaptiveRefresh):
+                mass = captured_mass(q, k, keys, samples=self.policy.samples, scale=self.scale)
+                fresh = mass.mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
+            self._entries[slot] = _Entry(stored, step, _Density(keys), fresh)
             return Prediction(keys, out)
         entry = self._entries[slot]
         keys = _copy_to(entry.keys, q.device)
