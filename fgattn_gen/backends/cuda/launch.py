@@ -33,12 +33,12 @@ _WS_DEFINE = "-DFGATTN_WARP_SPECIALIZED"
 WS_EXTRA_SMEM_BYTES = 256
 
 
-def mma_options(arch: str) -> tuple[str, ...]:
-    """Compiler options choosing the matrix path for ``arch`` (``nvrtc.arch_of``) from ``FGATTN_CUDA_MMA``:
-    ``auto`` (default): the warp-specialized wgmma body on sm_90a (fastest measured, bench/results), mma.sync
-    elsewhere; ``ws``: that body; ``wgmma``: the body where every warp gathers and multiplies with wgmma
-    (sm_90a); ``sync``: ldmatrix + mma.sync (any sm_80+ GPU)."""
-    choice = os.environ.get("FGATTN_CUDA_MMA", "auto")
+def mma_options(arch: str, path: str | None = None) -> tuple[str, ...]:
+    """Compiler options choosing the matrix path for ``arch`` (``nvrtc.arch_of``): ``path``, by default
+    ``FGATTN_CUDA_MMA``: ``auto`` (default): the warp-specialized wgmma body on sm_90a (fastest measured,
+    bench/results), mma.sync elsewhere; ``ws``: that body; ``wgmma``: the body where every warp gathers and
+    multiplies with wgmma (sm_90a); ``sync``: ldmatrix + mma.sync (any sm_80+ GPU)."""
+    choice = os.environ.get("FGATTN_CUDA_MMA", "auto") if path is None else path
     if choice not in MMA_PATHS:
         raise ValueError(f"FGATTN_CUDA_MMA: expected one of {MMA_PATHS}, got {choice!r}")
     if choice == "auto":
@@ -56,11 +56,11 @@ def launch_shape(variant: Variant, options: tuple[str, ...]) -> tuple[int, int]:
     return 32 * variant.num_warps, variant.smem_bytes()
 
 
-def load(variant: Variant, device_index: int) -> tuple[nvrtc.CudaKernel, int, int]:
+def load(variant: Variant, device_index: int, path: str | None = None) -> tuple[nvrtc.CudaKernel, int, int]:
     """Compile (NVRTC, disk-cached) and load ``variant`` for CUDA device ``device_index`` (once per process
-    for each variant, device and matrix path); returns the kernel, its threads per block and dynamic shared
-    memory bytes."""
-    options = mma_options(_arch(device_index))
+    for each variant, device and matrix path; ``path`` as in ``mma_options``); returns the kernel, its threads
+    per block and dynamic shared memory bytes."""
+    options = mma_options(_arch(device_index), path)
     return (_load(variant, device_index, options), *launch_shape(variant, options))
 
 

@@ -250,6 +250,10 @@ struct WsConsumer {
       mbar_wait(bars.v_full(vpos.slot), vpos.phase);  // the last tile's P V
       fence_proxy_async_shared();
       Mma::pv(o, pa, sv + vpos.slot * kKVBytes, lane);
+      if constexpr (Cfg::kPersist != 0) {  // the ring runs on into the CTA's next tile
+        if (lane == 0) mbar_arrive(bars.v_empty(vpos.slot));
+        vpos.advance();
+      }
     }
     softmax.finish(o, lse);
   }
