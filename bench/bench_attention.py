@@ -39,6 +39,7 @@ import triton
 import triton.testing
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fgattn_gen import KeySet, Variant, attention, reference_attention
@@ -51,7 +52,7 @@ from fgattn_gen.synthetic import local_block_mask
 BLOCK_N = 1
 MASKS = ("local", "uniform", "uneven")
 ISSUE15 = dict(
-    shapes=["1,24,119056,128", "1,40,119056,128", "1,24,75600,128", "1,40,75600,128", "1,48,17550,64"],
+    shapes=["1,24,119056,128", "1,24,75600,128", "1,48,17550,64", "1,40,119056,128", "1,40,75600,128"],
     densities=[1.0, 0.3, 0.1, 0.03, 0.01], masks=["uniform", "uneven"],
     variants=["cuda_bm128_bn128_w8_s2", "cuda_bm128_bn128_w8_s2_o1", "cuda_bm128_bn128_w8_s2_o2",
               "cuda_bm128_bn128_w8_s2_p1", "cuda_bm128_bn128_w8_s2_o2_p1", "cuda_bm128_bn128_w8_s2@ws20480"])
@@ -208,8 +209,11 @@ def check(out: torch.Tensor, ref: torch.Tensor, what: str) -> float:
 
 
 def bench_shape(shape, densities, variants, dtype, peers, rows, log, mma_paths=("auto",), *, masks=("local",),
-                flex=True, flash=True, block_m=128, rep_ms=300.0, failed_builds=None):
+                flex=True, flash=True, block_m=128, rep_ms=300.0, failed_builds=None, deadline=None):
     b, h, s, d = shape
+    if deadline is not None and time.monotonic() > deadline:
+        log(f"{shape}: SKIPPED (time budget spent)")
+        return
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=tdtype, generator=gen) for _ in range(3))
@@ -230,6 +234,9 @@ def bench_shape(shape, densities, variants, dtype, peers, rows, log, mma_paths=(
     cudnn_ms = dense_ms["cudnn"]
     nq, nk128 = triton.cdiv(s, 128), triton.cdiv(s, 128)
     for density in densities:
+        if deadline is not None and time.monotonic() > deadline:
+            log(f"{shape} d={density}: SKIPPED (time budget spent)")
+            continue
         if flex:
             m128 = local_block_mask(b, h, nq, nk128, density, seed=1, device="cuda")
             bm = flex_block_mask(m128, s, s)
@@ -248,7 +255,11 @@ def bench_shape(shape, densities, variants, dtype, peers, rows, log, mma_paths=(
                 return check(out[:, :2, :rows_q], ref, what)
 
             for spec in variants:
-                variant, workspace = parse_variant(spec, dtype=dtype, head_dim=d, block_m=block_m)
+                try:
+                    variant, workspace = parse_variant(spec, dtype=dtype, head_dim=d, block_m=block_m)
+                except ValueError as exc:
+                    log(f"{spec}: INVALID for head dim {d}: {exc}")
+                    continue
                 for path in mma_paths if variant.backend == "cuda" else ("auto",):
                     impl = f"fgattn-{variant.backend}" + ("" if path == "auto" else f"-{path}")
                     if (variant.key, path) in failed_builds:
@@ -300,10 +311,10 @@ def schedule_table(rows: list[dict]) -> str:
 
 
 def _label(row: dict) -> str:
-    """A CUDA row's column: impl, the variant key's schedule suffix (raster when none) and its workspace."""
-    key = row["variant"]
-    suffix = key[key.index("_s") + 3:] if "_o" in key or "_p" in key else ""
-    label = suffix.lstrip("_") or "raster"
+    """A CUDA row's column: impl, the variant's schedule (raster when none) and its index workspace."""
+    variant = Variant.from_key(row["variant"])
+    label = "_".join(f"{name[0]}{getattr(variant, name)}" for name in ("order", "persist")
+                     if getattr(variant, name)) or "raster"
     if "workspace_mb" in row:
         label += f"@ws{row['workspace_mb']}"
     return f"{row['impl'].removeprefix('fgattn-')} {label}"
@@ -356,6 +367,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-flex", action="store_true", help="no flex-block128 rows")
     parser.add_argument("--no-flash", action="store_true", help="no sdpa-flash rows")
     parser.add_argument("--rep-ms", type=float, default=300.0, help="do_bench repetition time per measurement")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new (shape, density) after this many seconds (--preset issue15: 480)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--peers", nargs="*", default=[], choices=["flashinfer"],
                         help="peer kernels besides SDPA and FlexAttention (flashinfer: flashinfer-c1 rows)")
@@ -368,15 +381,22 @@ def main(argv=None) -> int:
                                                                   preset["masks"], preset["variants"])
         args.no_flex = args.no_flash = True
         args.rep_ms = min(args.rep_ms, 100.0)
+        args.budget_s = 480.0 if args.budget_s is None else args.budget_s
     elif args.quick:
         parser.error("--quick needs --preset")
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     head_dims = sorted({int(spec.split(",")[3]) for spec in args.shapes})
-    variants = [parse_variant(spec, dtype=args.dtype, head_dim=d, block_m=args.block_m)[0]
-                for spec in args.variants for d in head_dims]
+    variants = []
+    for spec in args.variants:
+        for d in head_dims:
+            try:
+                variants.append(parse_variant(spec, dtype=args.dtype, head_dim=d, block_m=args.block_m)[0])
+            except ValueError as exc:  # reported again in each shape's place
+                log(f"{spec}: INVALID for head dim {d}: {exc}")
     failed = precompile(variants, args.cuda_mma)
     for (key, path), error in failed.items():
         log(f"build of {key} ({path}) FAILED: {error}")
@@ -384,7 +404,7 @@ def main(argv=None) -> int:
     for spec in args.shapes:
         bench_shape(tuple(int(x) for x in spec.split(",")), args.densities, args.variants, args.dtype, args.peers,
                     rows, log, args.cuda_mma, masks=args.masks, flex=not args.no_flex, flash=not args.no_flash,
-                    block_m=args.block_m, rep_ms=args.rep_ms, failed_builds=failed)
+                    block_m=args.block_m, rep_ms=args.rep_ms, failed_builds=failed, deadline=deadline)
     result = dict(
         name=args.name, **run_info(cpu=False), rows=rows,
     )
