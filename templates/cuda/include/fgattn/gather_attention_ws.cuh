@@ -118,7 +118,7 @@ struct WsProducer {
     if (copy) {
       // Opaque, so that the copy's addresses are computed here, not hoisted out of a persistent CTA's tile
       // loop into registers the producer does not have.
-      asm volatile("" : "+r"(tid));
+      if constexpr (Cfg::kPersist != 0) asm volatile("" : "+r"(tid));
       load_rows_async<D, Cfg::kTileM, 128>(sq, q_tile, q_sm, rows_left, tid);
       mbar_arrive_cp_async(bars().q_full());
     } else {
