@@ -3,11 +3,11 @@ schedule.cuh, ``compaction.work_order``).
 
 CPU: the keys, the validity rules, the work order against an independent sort on uneven counts (odd
 sequence lengths, several query tiles per block), the launch grid. The nvcc builds of every schedule are in
-tests/test_cuda_variant.py. GPU (``gpu`` marker, every matrix path of ``FGATTN_CUDA_MMA``): each schedule
-against the fp32 reference on odd sizes, empty blocks, uneven masks (dense blocks beside very sparse ones),
-more tiles than SMs (a persistent CTA loops), head chunks, the query permutation path and CUDA graphs, with
-poisoned outputs; each schedule's output equals the raster schedule's bit for bit (a tile is computed the
-same wherever it runs).
+tests/test_cuda_variant.py. GPU (``gpu`` marker, sm_90a; both kernel bodies, ``FGATTN_CUDA_MMA`` ws and
+wgmma; two tile configurations, built in parallel first): each schedule against the fp32 reference on odd
+sizes, empty blocks, uneven masks (dense blocks beside very sparse ones), more tiles than SMs (a persistent
+CTA loops), head chunks, the query permutation path and CUDA graphs, with poisoned outputs; each
+schedule's output equals the raster schedule's bit for bit (a tile is computed the same wherever it runs).
 """
 
 import math
@@ -16,14 +16,13 @@ import pytest
 import torch
 
 from conftest import ceil_div, make_block_mask, make_qkv
-from test_cuda_variant import _check, mma_path  # noqa: F401 - mma_path is a fixture used by name
+from test_cuda_variant import _check
 from fgattn_gen import KeySet, Variant, attention, compaction, render
 from fgattn_gen.backends.cuda import launch as cuda_backend
 from fgattn_gen.variant import ORDERS, PERSIST
 
 BF16, FP16 = torch.bfloat16, torch.float16
 SCHEDULES = [(order, persist) for persist in PERSIST for order in ORDERS]
-SCHEDULE_IDS = [f"o{o}p{p}" for o, p in SCHEDULES]
 
 
 def _variant(order: int, persist: int, *, head_dim=128, block_m=128, tile_m=128, tile_n=128, stages=2,
@@ -130,6 +129,50 @@ def test_grid():
 
 # ---------------------------------------------------------------------------------------------- GPU
 
+# Two kernel configurations x every schedule x the two kernel bodies (the schedule code of the mma.sync path
+# is the wgmma body's, gather_attention.cuh): C128 the default (two consumer warpgroups, a tile per query
+# block), C64 one consumer warpgroup, 3 stages, two tiles per query block of 128.
+CONFIGS = {"C128": dict(head_dim=128, dtype="bf16", block_m=128, tile_m=128, tile_n=128, stages=2),
+           "C64": dict(head_dim=64, dtype="fp16", block_m=128, tile_m=64, tile_n=64, stages=3)}
+GPU_PATHS = ("ws", "wgmma")
+
+
+@pytest.fixture(params=GPU_PATHS, ids=[f"mma_{p}" for p in GPU_PATHS])
+def body(request, monkeypatch):
+    """The kernel body (FGATTN_CUDA_MMA): warp-specialized or not; both need sm_90a."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(f"FGATTN_CUDA_MMA={request.param} needs sm_90a")
+    monkeypatch.setenv("FGATTN_CUDA_MMA", request.param)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Every (config, schedule, body) built once, in parallel (NVRTC), before the first GPU test; a build
+    error fails the tests that use it, with its message."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = torch.cuda.current_device()
+    jobs = [(_variant(o, p, **cfg), path) for cfg in CONFIGS.values() for o, p in SCHEDULES for path in GPU_PATHS]
+
+    def build(job):
+        try:
+            cuda_backend.load(job[0], device, job[1])
+        except Exception as exc:  # noqa: BLE001 - reported by the test that needs the variant
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        errors = list(pool.map(build, jobs))
+    return {(v.key, path): e for (v, path), e in zip(jobs, errors) if e}
+
+
+def _variants(config: str, built, body) -> list[Variant]:
+    variants = [_variant(o, p, **CONFIGS[config]) for o, p in SCHEDULES]
+    failed = {v.key: built[(v.key, body)] for v in variants if (v.key, body) in built}
+    assert not failed, f"build failed: {failed}"
+    return variants
+
 
 def _uneven_mask(gen, b, h, n_qblocks, n_kblocks, density, device="cuda"):
     """Per query block a density drawn log-uniformly in [density / 30, min(1, 3 density)], every 7th block
@@ -142,106 +185,89 @@ def _uneven_mask(gen, b, h, n_qblocks, n_kblocks, density, device="cuda"):
     return mask.to(device)
 
 
-def _run_all(q, k, v, keys, variants, **kw):
-    return {v.key: attention(q, k, v, keys, variant=v, return_lse=True, **kw) for v in variants}
+def _qkv(gen, config, b, h, sq, sk):
+    dtype = BF16 if CONFIGS[config]["dtype"] == "bf16" else FP16
+    return make_qkv(gen, b, h, sq, sk, CONFIGS[config]["head_dim"], dtype, "cuda")
 
 
-def _same_as_raster(results, raster_key):
-    out0, lse0 = results[raster_key]
-    for key, (out, lse) in results.items():
-        assert torch.equal(out, out0) and torch.equal(lse, lse0), f"{key} differs from {raster_key}"
-
-
-@pytest.mark.gpu
-@pytest.mark.usefixtures("mma_path")
-@pytest.mark.parametrize("order, persist", SCHEDULES, ids=SCHEDULE_IDS)
-@pytest.mark.parametrize("sq, sk, block_m, tile_m, block_n", [(1999, 333, 64, 64, 3), (3001, 2777, 256, 128, 1),
-                                                               (70, 5, 64, 64, 1), (1, 1, 128, 128, 1)])
-def test_schedule_odd_sizes_and_empty_blocks(gen, poisoned, order, persist, sq, sk, block_m, tile_m, block_n):
-    q, k, v = make_qkv(gen, 2, 3, sq, sk, 128, BF16, "cuda")
-    mask = make_block_mask(gen, 2, 3, ceil_div(sq, block_m), ceil_div(sk, block_n), "some_empty", density=0.4,
-                           device="cuda")
-    mask[0, 0, 0, -1] = True  # the ragged last key block
-    keys = KeySet.from_mask(mask, block_m=block_m, block_n=block_n)
-    variant = _variant(order, persist, block_m=block_m, tile_m=tile_m, block_n=block_n)
-    out, lse = attention(q, k, v, keys, variant=variant, return_lse=True, scale=0.11)
-    _check(q, k, v, keys, mask, out, lse, scale=0.11, flex=False)
+def _check_all(q, k, v, keys, mask, variants, **kw):
+    """Every schedule against the fp32 reference (the first, raster) and bit for bit against the raster one."""
+    results = [attention(q, k, v, keys, variant=var, return_lse=True, **kw) for var in variants]
+    _check(q, k, v, keys, mask, *results[0], flex=False, **kw)
+    for var, (out, lse) in zip(variants, results):
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1]), f"{var.key} differs from raster"
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("mma_path")
-@pytest.mark.parametrize("head_dim, dtype, tile_m, tile_n, stages", [(128, BF16, 128, 128, 2), (64, FP16, 64, 64, 3),
-                                                                     (128, FP16, 64, 32, 4)])
-def test_schedules_on_uneven_masks(gen, poisoned, head_dim, dtype, tile_m, tile_n, stages):
-    """More tiles than SMs (282 at 64 rows, so a persistent CTA computes two or three), uneven key counts:
-    every schedule matches the reference and the raster schedule bit for bit."""
-    sq, sk = 3001, 2999
-    q, k, v = make_qkv(gen, 2, 3, sq, sk, head_dim, dtype, "cuda")
-    mask = _uneven_mask(gen, 2, 3, ceil_div(sq, tile_m), sk, 0.05)
-    keys = KeySet.from_mask(mask, block_m=tile_m, block_n=1)
-    name = "bf16" if dtype is BF16 else "fp16"
-    variants = [_variant(o, p, head_dim=head_dim, block_m=keys.block_m, tile_m=tile_m, tile_n=tile_n, stages=stages,
-                         dtype=name) for o, p in SCHEDULES]
-    results = _run_all(q, k, v, keys, variants)
-    out, lse = results[variants[0].key]
-    _check(q, k, v, keys, mask, out, lse, flex=False)
-    _same_as_raster(results, variants[0].key)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("sq, sk", [(1999, 333), (3001, 2777), (70, 5), (1, 1)])
+def test_schedules_odd_sizes_and_empty_blocks(gen, poisoned, built, body, config, sq, sk):
+    q, k, v = _qkv(gen, config, 2, 3, sq, sk)
+    mask = make_block_mask(gen, 2, 3, ceil_div(sq, 128), sk, "some_empty", density=0.4, device="cuda")
+    mask[0, 0, 0, -1] = True  # the last key
+    keys = KeySet.from_mask(mask, block_m=128)
+    _check_all(q, k, v, keys, mask, _variants(config, built, body), scale=0.11)
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("mma_path")
-def test_schedules_over_head_chunks(gen, poisoned, monkeypatch):
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("density", [0.01, 0.1])
+def test_schedules_on_uneven_masks(gen, poisoned, built, body, config, density):
+    """More tiles than SMs (a persistent CTA computes several: 144 tiles of 128 rows, 288 of 64), uneven key
+    counts (dense, empty and very sparse blocks side by side)."""
+    q, k, v = _qkv(gen, config, 2, 3, 3001, 2999)
+    mask = _uneven_mask(gen, 2, 3, ceil_div(3001, 128), 2999, density)
+    _check_all(q, k, v, KeySet.from_mask(mask, block_m=128), mask, _variants(config, built, body))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS)
+def test_schedules_over_head_chunks(gen, poisoned, built, body, config, monkeypatch):
     """A 1 MB index workspace runs 6 heads in chunks of 2 (bh_start > 0; each chunk has its own order)."""
     monkeypatch.setenv("FGATTN_INDEX_WORKSPACE_MB", "1")
-    q, k, v = make_qkv(gen, 2, 3, 2001, 2777, 64, FP16, "cuda")
-    mask = _uneven_mask(gen, 2, 3, ceil_div(2001, 64), 2777, 0.1)
-    keys = KeySet.from_mask(mask, block_m=64, block_n=1)
+    q, k, v = _qkv(gen, config, 2, 3, 2001, 2777)
+    mask = _uneven_mask(gen, 2, 3, ceil_div(2001, 128), 2777, 0.1)
+    keys = KeySet.from_mask(mask, block_m=128)
     assert compaction.heads_per_chunk(keys) == 2
-    variants = [_variant(o, p, head_dim=64, block_m=64, tile_m=64, tile_n=64, dtype="fp16") for o, p in SCHEDULES]
-    results = _run_all(q, k, v, keys, variants)
-    out, lse = results[variants[0].key]
-    _check(q, k, v, keys, mask, out, lse, flex=False)
-    _same_as_raster(results, variants[0].key)
+    _check_all(q, k, v, keys, mask, _variants(config, built, body))
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("mma_path")
-@pytest.mark.parametrize("order, persist", SCHEDULES, ids=SCHEDULE_IDS)
-def test_schedule_with_query_order(gen, poisoned, order, persist):
+def test_schedules_with_query_order(gen, poisoned, built, body):
     """The query permutation path (KeySet.query_order: rows gathered, attended, scattered back)."""
     from fgattn_gen import reference_attention
     from conftest import LSE_TOL, TOL
 
     sq, sk = 1500, 1777
-    q, k, v = make_qkv(gen, 1, 4, sq, sk, 128, BF16, "cuda")
+    q, k, v = _qkv(gen, "C128", 1, 4, sq, sk)
     mask = _uneven_mask(gen, 1, 4, ceil_div(sq, 128), sk, 0.1)
     plain = KeySet.from_mask(mask, block_m=128)
     perm = torch.stack([torch.randperm(sq, generator=gen) for _ in range(4)]).view(1, 4, sq).to("cuda")
     keys = KeySet(plain.bits, plain.n_kblocks, 128, 1, query_order=perm)
-    out, lse = attention(q, k, v, keys, variant=_variant(order, persist), return_lse=True)
     ref, ref_lse = reference_attention(q, k, v, keys, return_lse=True)
-    torch.testing.assert_close(out.float(), ref, atol=TOL[BF16][0], rtol=TOL[BF16][1])
     finite = ref_lse.isfinite()
-    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=LSE_TOL[0], rtol=LSE_TOL[1])
-    assert (lse[~finite] == float("-inf")).all() and (out[~finite] == 0).all()
+    for variant in _variants("C128", built, body):
+        out, lse = attention(q, k, v, keys, variant=variant, return_lse=True)
+        torch.testing.assert_close(out.float(), ref, atol=TOL[BF16][0], rtol=TOL[BF16][1], msg=lambda m: f"{variant.key}: {m}")
+        torch.testing.assert_close(lse[finite], ref_lse[finite], atol=LSE_TOL[0], rtol=LSE_TOL[1])
+        assert (lse[~finite] == float("-inf")).all() and (out[~finite] == 0).all()
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("mma_path")
 @pytest.mark.parametrize("order, persist", [(2, 0), (1, 1)], ids=["o2p0", "o1p1"])
-def test_schedule_graph_capture(gen, order, persist):
+def test_schedule_graph_capture(gen, built, body, order, persist):
     """The work order is computed on the device (no host sync): the call captures in a CUDA graph, and a
     replay with another mask's bits follows the new counts."""
     from fgattn_gen import reference_attention
     from conftest import TOL
 
-    q, k, v = make_qkv(gen, 1, 2, 1000, 777, 128, BF16, "cuda")
+    q, k, v = _qkv(gen, "C128", 1, 2, 1000, 777)
     masks = [_uneven_mask(gen, 1, 2, ceil_div(1000, 128), 777, d) for d in (0.05, 0.3)]
     keys = KeySet.from_mask(masks[0], block_m=128)
-    variant = _variant(order, persist)
+    variant = _variant(order, persist, **CONFIGS["C128"])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles and loads the kernels outside the capture
+    with torch.cuda.stream(side):  # loads the kernels outside the capture
         for _ in range(2):
             attention(q, k, v, keys, variant=variant)
     torch.cuda.current_stream().wait_stream(side)
