@@ -6,6 +6,9 @@ to Sk. On a GPU a CUDA kernel (templates/cuda/compact_keys.cu, NVRTC) does it wi
 and work per word, not per bit. The Triton kernels below are the same function for Triton's CPU
 interpreter: a first pass ranks each chunk of words, a second expands the chunks' bits in parallel.
 
+``work_order`` turns the key counts into the CUDA kernel's work order (heavier query tiles first), on the
+device, without a host synchronisation.
+
 The index workspace is int32 ``[n_bh, n_qblocks, n_kblocks]``. A whole HunyuanVideo 720p layout would
 need 10.6 GB of it at density 1, so ``attention`` compacts and runs the heads in chunks whose
 workspace stays under ``workspace_budget()`` bytes (default 1 GiB, ``FGATTN_INDEX_WORKSPACE_MB``).
@@ -143,3 +146,41 @@ def _compact_cuda(keys: KeySet, bh_start: int, n_bh: int, seq_k: int) -> tuple[t
     kernel((triton.cdiv(n_rows, _CUDA_WARPS), 1, 1), (32, _CUDA_WARPS, 1),
            keys.bits, idx, n_keys, keys.bits.shape[-1], nk, seq_k, keys.block_n, nq, bh_start, n_rows)
     return idx, n_keys
+
+
+WORK_ORDER_BUCKETS_PER_OCTAVE = 4  # key counts within a quarter octave are "as heavy" (raster order kept)
+
+
+def work_order(n_keys: torch.Tensor, *, seq_q: int, block_m: int, tile_m: int, order: int) -> torch.Tensor:
+    """The CUDA kernel's work order over one launch's query tiles (``templates/cuda/include/fgattn/schedule.cuh``).
+
+    Args:
+        n_keys: int32 ``[n_bh, n_qblocks]`` from ``compact`` (keys per query block).
+        seq_q: query rows; block_m: the KeySet's query block; tile_m: the kernel's query tile (divides
+            ``block_m``).
+        order: 1: heavier tiles first within each (batch, head) row, the rows in raster order (a row's tiles
+            stay together, so the CTAs that run together gather from one head's K/V); 2: heavier tiles first
+            over all rows of the launch (the shortest tail when a few blocks are far heavier than the rest).
+
+    Returns:
+        int32 ``[n_bh * ceil(seq_q / tile_m)]``, a permutation of the tiles ``bh * n_mtiles + m``: tiles by
+        key count in buckets of a quarter octave, heaviest first; raster order within a bucket (a stable
+        sort), so masks of even density keep the raster order's locality.
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order: expected 1 (within a head) or 2 (over all heads), got {order}")
+    if block_m % tile_m:
+        raise ValueError(f"tile_m: must divide block_m = {block_m}, got {tile_m}")
+    n_bh, n_qblocks = n_keys.shape
+    n_mtiles = triton.cdiv(seq_q, tile_m)
+    if n_qblocks != triton.cdiv(seq_q, block_m):
+        raise ValueError(f"n_keys: expected {triton.cdiv(seq_q, block_m)} query blocks for seq_q = {seq_q}, "
+                         f"got {n_qblocks}")
+    tiles = n_keys.repeat_interleave(block_m // tile_m, dim=1)[:, :n_mtiles]  # the last block may hold fewer tiles
+    weight = torch.floor(torch.log2(tiles.float() + 1.0) * WORK_ORDER_BUCKETS_PER_OCTAVE)
+    if order == 1:
+        perm = torch.sort(weight, dim=1, descending=True, stable=True).indices
+        perm = perm + torch.arange(n_bh, device=n_keys.device)[:, None] * tiles.shape[1]
+    else:
+        perm = torch.sort(weight.flatten(), descending=True, stable=True).indices
+    return perm.flatten().to(torch.int32)

@@ -2,8 +2,11 @@
 
 The key names every parameter, e.g. ``triton_bf16_d128_qb128_kg1_bm128_bn64_w8_s3``:
 backend, dtype, head dim, query block (KeySet ``block_m``), key granularity (KeySet ``block_n``),
-kernel tile BLOCK_M x BLOCK_N, warps, pipeline stages. The same string names the rendered source
-file, the build cache entry and the registry entry. The rules a backend adds, its shared memory and its
+kernel tile BLOCK_M x BLOCK_N, warps, pipeline stages, then the work schedule where it is not the
+default: ``_o<order>`` (1: heavier query tiles first within a head, 2: over all heads of a launch) and
+``_p<persist>`` (1: a persistent grid of one CTA per SM looping over the tiles); CUDA only
+(``compaction.work_order``, ``templates/cuda/include/fgattn/schedule.cuh``). The same string names the rendered source file, the build cache entry and the
+registry entry. The rules a backend adds, its shared memory and its
 defaults are in its ``BackendSpec`` (``fgattn_gen.backends``).
 """
 
@@ -19,11 +22,14 @@ from .backends import BACKENDS, HEAD_DIMS, HOPPER_SMEM, spec
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-__all__ = ["BACKENDS", "DTYPES", "DTYPE_NAMES", "HEAD_DIMS", "HOPPER_SMEM", "Variant", "default_variant",
-           "dtype_name"]
+__all__ = ["BACKENDS", "DTYPES", "DTYPE_NAMES", "HEAD_DIMS", "HOPPER_SMEM", "ORDERS", "PERSIST", "Variant",
+           "default_variant", "dtype_name"]
 
 _KEY_RE = re.compile(r"(?P<backend>[a-z]+)_(?P<dtype>[a-z0-9]+)_d(?P<head_dim>\d+)_qb(?P<block_m>\d+)"
-                     r"_kg(?P<block_n>\d+)_bm(?P<tile_m>\d+)_bn(?P<tile_n>\d+)_w(?P<num_warps>\d+)_s(?P<num_stages>\d+)")
+                     r"_kg(?P<block_n>\d+)_bm(?P<tile_m>\d+)_bn(?P<tile_n>\d+)_w(?P<num_warps>\d+)_s(?P<num_stages>\d+)"
+                     r"(?:_o(?P<order>[1-9]\d*))?(?:_p(?P<persist>[1-9]\d*))?")
+ORDERS = (0, 1, 2)  # work order of the query tiles: raster, heavier first within a head, heavier first overall
+PERSIST = (0, 1)  # 0: one CTA per query tile; 1: a persistent grid of one CTA per SM
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -42,7 +48,8 @@ class Variant:
     """Parameters of one rendered kernel.
 
     ``block_m`` must be a multiple of ``tile_m``: a kernel program covers ``tile_m`` query rows of a
-    single query block, so all its rows share one key list.
+    single query block, so all its rows share one key list. ``order`` and ``persist`` are the work
+    schedule (``ORDERS``, ``PERSIST``); a backend that does not tune them (Triton) takes only 0.
     """
 
     backend: str
@@ -54,6 +61,8 @@ class Variant:
     tile_n: int
     num_warps: int
     num_stages: int
+    order: int = 0
+    persist: int = 0
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -81,12 +90,17 @@ class Variant:
             p.append(f"num_warps must be 4 or 8, got {self.num_warps}")
         if not 1 <= self.num_stages <= 6:
             p.append(f"num_stages must be in [1, 6], got {self.num_stages}")
+        for name, values in (("order", ORDERS), ("persist", PERSIST)):
+            allowed = values if name in spec(self.backend).tunable else (0,)
+            if getattr(self, name) not in allowed:
+                p.append(f"{name} must be one of {allowed} for the {self.backend} backend, got {getattr(self, name)}")
         return p or spec(self.backend).problems(self)
 
     @property
     def key(self) -> str:
         return (f"{self.backend}_{self.dtype}_d{self.head_dim}_qb{self.block_m}_kg{self.block_n}"
-                f"_bm{self.tile_m}_bn{self.tile_n}_w{self.num_warps}_s{self.num_stages}")
+                f"_bm{self.tile_m}_bn{self.tile_n}_w{self.num_warps}_s{self.num_stages}"
+                + (f"_o{self.order}" if self.order else "") + (f"_p{self.persist}" if self.persist else ""))
 
     @classmethod
     def from_key(cls, key: str) -> "Variant":
@@ -94,9 +108,11 @@ class Variant:
         match = _KEY_RE.fullmatch(key)
         if not match:
             raise ValueError(f"variant key {key!r} does not look like "
-                             f"'<backend>_<dtype>_d<D>_qb<block_m>_kg<block_n>_bm<tile_m>_bn<tile_n>_w<warps>_s<stages>'")
+                             f"'<backend>_<dtype>_d<D>_qb<block_m>_kg<block_n>_bm<tile_m>_bn<tile_n>_w<warps>_s<stages>"
+                             f"[_o<order>][_p<persist>]'")
         f = match.groupdict()
-        return cls(backend=f.pop("backend"), dtype=f.pop("dtype"), **{name: int(v) for name, v in f.items()})
+        return cls(backend=f.pop("backend"), dtype=f.pop("dtype"),
+                   **{name: int(v) for name, v in f.items() if v is not None})
 
     @property
     def params(self) -> dict:

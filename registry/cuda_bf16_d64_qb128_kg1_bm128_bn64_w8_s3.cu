@@ -11,6 +11,8 @@ struct FgattnConfig {
   static constexpr int kTileN = 64;
   static constexpr int kWarps = 8;
   static constexpr int kStages = 3;
+  static constexpr int kOrder = 0;      // work order (fgattn/schedule.cuh)
+  static constexpr int kPersist = 0;  // persistent grid
 };
 
 static_assert(fgattn::SmemBytes<FgattnConfig>::value == 65536, "launcher and kernel disagree on shared memory");
@@ -18,13 +20,13 @@ static_assert(fgattn::SmemBytes<FgattnConfig>::value == 65536, "launcher and ker
 // Threads per block: fgattn::Kernel (32 * kWarps, or 128 more for the producer warpgroup when warp-specialized).
 extern "C" __global__ void __launch_bounds__(fgattn::Kernel<FgattnConfig>::kThreads, 1)
 fgattn_gather_attention(const unsigned short* q, const unsigned short* k, const unsigned short* v, unsigned short* o,
-                        float* lse, const int* idx, const int* n_keys,
+                        float* lse, const int* idx, const int* n_keys, const int* order,
                         long long q_sb, long long q_sh, long long q_sm, long long k_sb, long long k_sh, long long k_sn,
                         long long v_sb, long long v_sh, long long v_sn, long long o_sb, long long o_sh, long long o_sm,
                         int n_heads, int seq_q, int n_qblocks, int idx_row_stride, int bh_start, float qk_scale,
-                        int write_lse) {
-  const fgattn::AttentionArgs args{q, k, v, o, lse, idx, n_keys, q_sb, q_sh, q_sm, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn,
-                                   o_sb, o_sh, o_sm, n_heads, seq_q, n_qblocks, idx_row_stride, bh_start, qk_scale,
-                                   write_lse};
+                        int n_mtiles, int n_items, int write_lse) {
+  const fgattn::AttentionArgs args{q, k, v, o, lse, idx, n_keys, order, q_sb, q_sh, q_sm, k_sb, k_sh, k_sn, v_sb, v_sh,
+                                   v_sn, o_sb, o_sh, o_sm, n_heads, seq_q, n_qblocks, idx_row_stride, bh_start,
+                                   n_mtiles, n_items, qk_scale, write_lse};
   fgattn::Kernel<FgattnConfig>::run(args);
 }

@@ -1,8 +1,9 @@
 """The CUDA variant (templates/cuda/gather_attention.cu.j2 + include/fgattn/*.cuh).
 
-CPU: every variant of the default CUDA search space renders (StrictUndefined) and compiles with nvcc for
-sm_90a (nothing runs), and the default variants' ptxas report shows no spills, on the warp-specialized
-(the default on sm_90a), wgmma and mma.sync paths. GPU (``gpu`` marker, each test on every matrix path of
+CPU: every tile point of the default CUDA search space renders (StrictUndefined) and compiles with nvcc for
+sm_90a (nothing runs), with the raster schedule, and every schedule (order x persist) of the default
+variants; their ptxas reports show no spills, on the warp-specialized (the default on sm_90a), wgmma and
+mma.sync paths. GPU (``gpu`` marker, each test on every matrix path of
 ``FGATTN_CUDA_MMA``: ``-k mma_ws`` selects the warp-specialized one): ``attention(..., backend="cuda")`` against the fp32
 reference and FlexAttention at odd sizes, both head dims and dtypes, empty blocks, key granularity 1 and 4,
 strided / misaligned layouts, several variants, head chunks and CUDA-graph capture; outputs are poisoned
@@ -13,6 +14,7 @@ import os
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from fgattn_gen.backends.cuda import launch as cuda_backend
 from fgattn_gen import render
 from fgattn_gen.environment import templates_dir
 from fgattn_gen.tune.space import build_space
-from fgattn_gen.variant import default_variant
+from fgattn_gen.variant import ORDERS, PERSIST, default_variant
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -36,10 +38,12 @@ DEFAULT_LAYOUTS = [("fp16", 128, 4), ("fp16", 64, 16), ("bf16", 128, 3)]
 
 
 def _compile_variants() -> list[Variant]:
+    """The space's tile points with the raster schedule (the schedule fields only choose which tiles a CTA
+    computes: every schedule of the default variants is built by ``_schedule_variants``)."""
     variants = []
     for dtype, head_dim, block_n in SPACE_LAYOUTS:
-        variants += build_space("cuda", dtype=dtype, head_dim=head_dim, block_m=128, block_n=block_n,
-                                smem_limit=None).candidates
+        variants += [v for v in build_space("cuda", dtype=dtype, head_dim=head_dim, block_m=128, block_n=block_n,
+                                            smem_limit=None).candidates if v.order == v.persist == 0]
     for dtype, head_dim, block_n in DEFAULT_LAYOUTS:
         variants.append(default_variant(dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
                                         head_dim=head_dim, block_m=128, block_n=block_n, backend="cuda"))
@@ -71,17 +75,26 @@ def _default_variants() -> list[Variant]:
     return [default_variant(dtype=BF16, head_dim=d, block_m=128, block_n=1, backend="cuda") for d in (64, 128)]
 
 
+def _schedule_variants() -> list[Variant]:
+    """Every schedule but the raster one of the default variants and of a 64-row variant with 3 stages."""
+    bases = [*_default_variants(), Variant(backend="cuda", dtype="fp16", head_dim=128, block_m=64, block_n=1, tile_m=64,
+                                           tile_n=64, num_warps=4, num_stages=3)]
+    return [replace(v, order=order, persist=persist) for v in bases for order in ORDERS for persist in PERSIST
+            if order or persist]
+
+
 @pytest.fixture(scope="module")
 def nvcc_reports(tmp_path_factory) -> dict[tuple[str, str], tuple[int, str]]:
     """(variant key, build) -> (nvcc return code, output): every variant of ``_compile_variants`` as an sm_90a
     cubin on the wgmma and warp-specialized paths, the default variants also on the mma.sync path and as PTX
-    (wgmma and warp-specialized); built in parallel."""
+    (wgmma and warp-specialized), ``_schedule_variants`` on all three paths; built in parallel."""
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (PATH, /usr/local/cuda/bin): cannot compile the CUDA variants")
     workdir = tmp_path_factory.mktemp("cuda_variants")
     jobs = [(v, build) for v in _compile_variants() for build in ("wgmma", "ws")]
     jobs += [(v, build) for v in _default_variants() for build in ("sync", "ptx", "ws_ptx")]
+    jobs += [(v, build) for v in _schedule_variants() for build in ("ws", "wgmma", "sync")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         reports = list(pool.map(lambda job: _nvcc_build(nvcc, *job, workdir), jobs))
     return {(v.key, build): r for (v, build), r in zip(jobs, reports)}
@@ -90,8 +103,21 @@ def nvcc_reports(tmp_path_factory) -> dict[tuple[str, str], tuple[int, str]]:
 def test_search_space_compiles_for_sm90a(nvcc_reports):
     failed = {key: log for key, (rc, log) in nvcc_reports.items() if rc != 0}
     assert not failed, "nvcc failed:\n" + "\n\n".join(f"{k}:\n{log}" for k, log in failed.items())
-    assert sum(build == "wgmma" for _, build in nvcc_reports) == len(_compile_variants()) >= 30
-    assert sum(build == "ws" for _, build in nvcc_reports) == len(_compile_variants())
+    assert sum(build == "wgmma" for _, build in nvcc_reports) == len(_compile_variants()) + len(_schedule_variants())
+    assert len(_compile_variants()) >= 30
+    assert sum(build == "ws" for _, build in nvcc_reports) == len(_compile_variants()) + len(_schedule_variants())
+
+
+def test_every_schedule_builds_without_spills(nvcc_reports):
+    """Persistent CTAs hold their tile loop's state besides the key loop's (the producer has 40 registers)."""
+    assert len(_schedule_variants()) == 3 * 5
+    for variant in _schedule_variants():
+        for build in ("ws", "wgmma", "sync"):
+            rc, log = nvcc_reports[(variant.key, build)]
+            assert rc == 0, log
+            report = parse_ptxas(log)
+            assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, (variant.key, build, report)
+            assert "C7514" not in log, (variant.key, build)
 
 
 @pytest.mark.parametrize("build", ["wgmma", "sync", "ws"])

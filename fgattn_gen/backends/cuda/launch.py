@@ -1,5 +1,6 @@
 """Launch a CUDA variant: render, build with NVRTC (disk-cached), then per compaction head chunk run the
-gather-load kernel.
+gather-load kernel (with the variant's work schedule: ``compaction.work_order`` when ``order`` is set, a
+grid of one CTA per SM when ``persist`` is; ``templates/cuda/include/fgattn/schedule.cuh``).
 
 The variant's source is ``templates/cuda/gather_attention.cu.j2`` rendered with StrictUndefined (it
 only pins the parameters); the kernel logic is in ``templates/cuda/include/fgattn/*.cuh``, handed to
@@ -32,12 +33,12 @@ _WS_DEFINE = "-DFGATTN_WARP_SPECIALIZED"
 WS_EXTRA_SMEM_BYTES = 256
 
 
-def mma_options(arch: str) -> tuple[str, ...]:
-    """Compiler options choosing the matrix path for ``arch`` (``nvrtc.arch_of``) from ``FGATTN_CUDA_MMA``:
-    ``auto`` (default): the warp-specialized wgmma body on sm_90a (fastest measured, bench/results), mma.sync
-    elsewhere; ``ws``: that body; ``wgmma``: the body where every warp gathers and multiplies with wgmma
-    (sm_90a); ``sync``: ldmatrix + mma.sync (any sm_80+ GPU)."""
-    choice = os.environ.get("FGATTN_CUDA_MMA", "auto")
+def mma_options(arch: str, path: str | None = None) -> tuple[str, ...]:
+    """Compiler options choosing the matrix path for ``arch`` (``nvrtc.arch_of``): ``path``, by default
+    ``FGATTN_CUDA_MMA``: ``auto`` (default): the warp-specialized wgmma body on sm_90a (fastest measured,
+    bench/results), mma.sync elsewhere; ``ws``: that body; ``wgmma``: the body where every warp gathers and
+    multiplies with wgmma (sm_90a); ``sync``: ldmatrix + mma.sync (any sm_80+ GPU)."""
+    choice = os.environ.get("FGATTN_CUDA_MMA", "auto") if path is None else path
     if choice not in MMA_PATHS:
         raise ValueError(f"FGATTN_CUDA_MMA: expected one of {MMA_PATHS}, got {choice!r}")
     if choice == "auto":
@@ -55,11 +56,11 @@ def launch_shape(variant: Variant, options: tuple[str, ...]) -> tuple[int, int]:
     return 32 * variant.num_warps, variant.smem_bytes()
 
 
-def load(variant: Variant, device_index: int) -> tuple[nvrtc.CudaKernel, int, int]:
+def load(variant: Variant, device_index: int, path: str | None = None) -> tuple[nvrtc.CudaKernel, int, int]:
     """Compile (NVRTC, disk-cached) and load ``variant`` for CUDA device ``device_index`` (once per process
-    for each variant, device and matrix path); returns the kernel, its threads per block and dynamic shared
-    memory bytes."""
-    options = mma_options(_arch(device_index))
+    for each variant, device and matrix path; ``path`` as in ``mma_options``); returns the kernel, its threads
+    per block and dynamic shared memory bytes."""
+    options = mma_options(_arch(device_index), path)
     return (_load(variant, device_index, options), *launch_shape(variant, options))
 
 
@@ -88,6 +89,20 @@ def _load(variant: Variant, device_index: int, options: tuple[str, ...]) -> nvrt
     with torch.cuda.device(device):
         kernel.set_max_dynamic_smem(smem)
     return kernel
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a device (the persistent grid's size), looked up once."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def grid(variant: Variant, n_mtiles: int, n_bh: int, sm_count: int) -> tuple[int, int, int]:
+    """The launch grid of one head chunk: (n_mtiles, n_bh) CTAs, one per query tile, or with ``persist`` one
+    CTA per SM (at most one per tile), each looping over tiles."""
+    if variant.persist:
+        return (min(n_mtiles * n_bh, variant.persist * sm_count), 1, 1)
+    return (n_mtiles, n_bh, 1)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -124,10 +139,18 @@ def run(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
     chunk = min(compaction.heads_per_chunk(keys), _MAX_GRID_Y)
     strides = [*_strides(q), *_strides(k), *_strides(v), *_strides(out)]
     lse_arg = lse if lse is not None else out  # never written when write_lse is 0
+    if n_mtiles * min(chunk, n_bh) >= 2**31:
+        raise ValueError(f"q: {n_mtiles} query tiles x {min(chunk, n_bh)} heads per launch exceed the kernel's "
+                         f"32-bit tile index")
+    sm_count = _sm_count(device_index)
     for bh_start in range(0, n_bh, chunk):
         n = min(chunk, n_bh - bh_start)
         idx, n_keys = compaction.compact(keys, bh_start, n, k.shape[2])
-        kernel((n_mtiles, n, 1), (threads, 1, 1),
-               q, k, v, out, lse_arg, idx, n_keys, *strides,
-               h, sq, keys.shape[2], idx.shape[-1], bh_start, float(scale * _LOG2E), int(lse is not None),
-               shared_mem=smem)
+        order = n_keys  # never read without an order
+        if variant.order:
+            order = compaction.work_order(n_keys, seq_q=sq, block_m=keys.block_m, tile_m=variant.tile_m,
+                                          order=variant.order)
+        kernel(grid(variant, n_mtiles, n, sm_count), (threads, 1, 1),
+               q, k, v, out, lse_arg, idx, n_keys, order, *strides,
+               h, sq, keys.shape[2], idx.shape[-1], bh_start, float(scale * _LOG2E), n_mtiles, n_mtiles * n,
+               int(lse is not None), shared_mem=smem)

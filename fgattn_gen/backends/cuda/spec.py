@@ -13,8 +13,10 @@ class CudaSpec(BackendSpec):
     template = "cuda/gather_attention.cu.j2"
     source_suffix = ".cu"
     head_dims = (64, 128)
-    # 16 query rows per (consumer) warp, so tile_m = 16 * num_warps (``problems`` rejects the other pairs)
-    tunable = {"tile_m": (64, 128), "tile_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+    # 16 query rows per (consumer) warp, so tile_m = 16 * num_warps (``problems`` rejects the other pairs);
+    # order / persist: the work schedule (variant.ORDERS, PERSIST; include/fgattn/schedule.cuh)
+    tunable = {"tile_m": (64, 128), "tile_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4),
+               "order": (0, 1, 2), "persist": (0, 1)}
     block_m_multiple = 64  # a CTA's rows lie in one query block; each warpgroup owns 64 rows
     tile_n_values = (32, 64, 128)
 
@@ -40,7 +42,8 @@ class CudaSpec(BackendSpec):
     def default_tiles(self, *, head_dim: int, block_m: int) -> list[dict[str, int]]:
         """The best measured on H200 (warp-specialized path, bench/results/part2_cuda_h200.md): 128 x 128
         tiles, 8 warps (two consumer warpgroups), 2 stages at head dim 128 and 64; tile_m 64 (4 warps) where
-        block_m is a multiple of 64 only; smaller K/V tiles and 2 stages for less shared memory."""
+        block_m is a multiple of 64 only; smaller K/V tiles and 2 stages for less shared memory. The raster
+        schedule (order 0, persist 0) until the tuner measures another."""
         tile_m = 128 if block_m % 128 == 0 else 64
         return [dict(tile_m=tile_m, num_warps=tile_m // 16, tile_n=tile_n, num_stages=stages)
                 for tile_n, stages in ((128, 2), (64, 3), (64, 2), (32, 2))]

@@ -1,4 +1,5 @@
-// Gather-load sparse attention forward: one CTA per (tile of TILE_M query rows, batch * head).
+// Gather-load sparse attention forward: a CTA computes tiles of TILE_M query rows of one (batch, head) row,
+// one per launch or several in a row when persistent (schedule.cuh picks which).
 //
 // The CTA's rows lie in one query block, so they share one sorted key list (idx, n_keys from
 // fgattn_gen/compaction.py). Q (TILE_M x D) is copied once to shared memory and kept in registers as
@@ -9,7 +10,7 @@
 // -DFGATTN_MMA_SYNC forces mma.sync.
 //
 // Config (pinned by templates/cuda/gather_attention.cu.j2): T (bf16 | fp16), kHeadDim, kQueryBlock,
-// kKeyGran, kTileM, kTileN, kWarps, kStages. Shared memory: (kTileM + 2 * kStages * kTileN) * kHeadDim * 2 bytes.
+// kKeyGran, kTileM, kTileN, kWarps, kStages, kOrder, kPersist. Shared memory: (kTileM + 2 * kStages * kTileN) * kHeadDim * 2 bytes.
 #pragma once
 
 #include "fgattn/epilogue.cuh"
@@ -17,14 +18,16 @@
 #include "fgattn/kernel_args.cuh"
 #include "fgattn/mma_sm80.cuh"
 #include "fgattn/ptx.cuh"
+#include "fgattn/schedule.cuh"
 #include "fgattn/smem_layout.cuh"
 #include "fgattn/softmax.cuh"
 #include "fgattn/wgmma_sm90.cuh"
 
 namespace fgattn {
 
+// One query tile: Q, every key tile of its block's list, the output rows.
 template <class Cfg>
-__device__ __forceinline__ void gather_attention(const AttentionArgs& a) {
+__device__ __forceinline__ void gather_attention_tile(const AttentionArgs& a, const WorkTile tile) {
   using T = typename Cfg::T;
   constexpr int D = Cfg::kHeadDim, TM = Cfg::kTileM, TN = Cfg::kTileN, STAGES = Cfg::kStages;
   constexpr int THREADS = 32 * Cfg::kWarps;
@@ -46,9 +49,13 @@ __device__ __forceinline__ void gather_attention(const AttentionArgs& a) {
   const u32 sv = sk + STAGES * kKVBytes;
   if (Mma::kAsyncProxy && (sq & 1023u)) asm volatile("trap;");  // wgmma's swizzle needs 1024-byte aligned tiles
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int m0 = blockIdx.x * TM;
-  const int bh_local = blockIdx.y;
+  int tid = threadIdx.x;
+  // Persistent: opaque, so that the tile's copy addresses are computed per tile, not hoisted out of the
+  // CTA's tile loop into registers.
+  if constexpr (Cfg::kPersist != 0) asm volatile("" : "+r"(tid));
+  const int lane = tid & 31, warp = tid >> 5;
+  const int m0 = tile.m0;
+  const int bh_local = tile.bh_local;
   const int bh = a.bh_start + bh_local;
   const int b = bh / a.n_heads, h = bh % a.n_heads;
   const long long list = (long long)bh_local * a.n_qblocks + m0 / Cfg::kQueryBlock;
@@ -142,6 +149,15 @@ __device__ __forceinline__ void gather_attention(const AttentionArgs& a) {
   // With wgmma a warpgroup reads all its 64 Q rows, so every warp must be done before any stages output.
   if (Mma::kAsyncProxy) __syncthreads();
   store_warp_rows<T, D, TM>(o, lse, sq, warp * 16, lane, rows_left, o_tile, a.o_sm, lse_tile, a.write_lse);
+}
+
+template <class Cfg>
+__device__ __forceinline__ void gather_attention(const AttentionArgs& a) {
+  using Sched = Schedule<Cfg>;
+  for (int item = Sched::first(); item < a.n_items; item = Sched::next(a, item)) {
+    if (Sched::kPersistent) __syncthreads();  // every warp's previous tile is out of the Q tile (its staging)
+    gather_attention_tile<Cfg>(a, Sched::tile(a, item));
+  }
 }
 
 }  // namespace fgattn

@@ -12,8 +12,10 @@ struct AttentionArgs {
   float* lse;          // fp32 [B * H, seq_q]; written when write_lse
   const int* idx;      // int32 [n_bh, n_qblocks, idx_row_stride]: sorted selected key blocks
   const int* n_keys;   // int32 [n_bh, n_qblocks]: selected keys (not blocks)
+  const int* order;    // int32 [n_items]: item -> query tile (schedule.cuh); read only when kOrder != 0
   long long q_sb, q_sh, q_sm, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sm;
   int n_heads, seq_q, n_qblocks, idx_row_stride, bh_start;
+  int n_mtiles, n_items;  // query tiles per (batch, head) row; tiles of the launch (n_bh * n_mtiles)
   float qk_scale;      // softmax scale * log2(e)
   int write_lse;
 };
