@@ -104,9 +104,10 @@ def _assign_kernel(X, CENT, ASSIGN, SUMS, COUNTS, stride_xb, stride_xh, stride_x
     tl.store(ASSIGN + n * n_points + offs_m, arg, mask=row_ok)
     if ACCUMULATE:
         tl.atomic_add(SUMS + (n * n_clusters + arg[:, None]) * HEAD_DIM + offs_d[None, :], x.to(tl.float32),
-                      mask=row_ok[:, None])
+                      mask=row_ok[:, None], sem="relaxed")
     if COUNT:
-        tl.atomic_add(COUNTS + (n * n_clusters + arg) * n_tiles + tile, tl.full([BLOCK_M], 1, tl.int32), mask=row_ok)
+        tl.atomic_add(COUNTS + (n * n_clusters + arg) * n_tiles + tile, tl.full([BLOCK_M], 1, tl.int32), mask=row_ok,
+                      sem="relaxed")
 
 
 @triton.jit
