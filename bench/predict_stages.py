@@ -68,6 +68,7 @@ def stages(q, k, text, dense: float) -> None:
 
     timed = {
         "cluster_order": lambda: cluster_order(q),
+        "  of which: no Lloyd step": lambda: cluster_order(q, steps=0),
         "ordered_block_means": lambda: ordered_block_means(q, order, 128),
         "threshold words (2 passes)": threshold_words,
         "captured mass + widen": mass_and_widen,

@@ -83,11 +83,12 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
         q_mean = group_mean(q.reshape(b * h, seq_q, d), block_m, impl=impl)
     else:
         q_mean = ordered_block_means(q, order, block_m)
-    bits = torch.empty(b, h, n_qblocks, -(-n_kblocks // 32), dtype=torch.int32, device=q.device)
-    for bi in range(b):
+    words = []
+    for bi in range(b):  # k[bi] is a view for any strides of k
         k_mean = k[bi] if block_n == 1 else group_mean(k[bi], block_n, impl=impl)
-        bits[bi] = pooled_threshold_words(q_mean[bi * h:(bi + 1) * h], k_mean, scale, threshold_scale / seq_k,
-                                          rows_per_block=1, n_blocks=n_qblocks, impl=impl, dtype=q.dtype)
+        words.append(pooled_threshold_words(q_mean[bi * h:(bi + 1) * h], k_mean, scale, threshold_scale / seq_k,
+                                            rows_per_block=1, n_blocks=n_qblocks, impl=impl, dtype=q.dtype))
+    bits = words[0][None] if b == 1 else torch.stack(words)
     extra = _always_keep(seq_q, seq_k, block_m, block_n, keep_keys, q.device)
     if extra is not None:
         bits |= extra

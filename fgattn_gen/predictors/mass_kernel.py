@@ -21,12 +21,15 @@ from .key_splits import key_splits
 
 # (rows per program, keys per step, num_warps, num_stages) of pass 1; key split: programs per SM that the grid
 # aims at, the fewest BLOCK_K steps per split. Chosen, not measured, for an H200 (to be swept:
-# bench/predict_stages.py --sweep): 128 rows halve the L2 reads of k against 64.
+# bench/predict_stages.py --sweep): 128 rows halve the L2 reads of k against 64; the program takes 128
+# registers x 256 threads and 48 KB of shared memory (ptxas, sm_90a), 2 resident per SM, so 8 per SM is
+# ~4 waves; e.g. HunyuanVideo 720p, 2 rows of each of 931 blocks, 24 heads: 15 row tiles x 3 splits x 24 =
+# 1,080 programs of 621 steps (was 30 x 24 = 720 of 1,861); S = 32,760: 4 x 11 x 24 = 1,056 of 47 steps.
 LAUNCH = (128, 64, 8, 3)
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 8
 MIN_SPLIT_STEPS = 8
 _MERGE_BLOCKS = 64  # query blocks per program of pass 2
-_WIDEN_WORDS = 128  # words per store when a block is made dense
+_WIDEN_WORDS = 32  # words per store when a block is made dense
 
 
 @triton.jit

@@ -34,8 +34,11 @@ from ..compaction import workspace_budget
 from ..environment import interpreting
 from ..query_order import mark_permutation
 
-# Assignment kernel: (queries per program, centroids per step, num_warps, num_stages). Chosen, not measured, for
-# an H200 (to be swept: bench/predict_stages.py --sweep): a [128, D] bf16 tile against [D, 64] centroid tiles.
+# Assignment kernel: (queries per program, centroids per step, num_warps, num_stages); also the tile of the
+# counting sort. Chosen, not measured, for an H200 (to be swept: bench/predict_stages.py --sweep): a [128, D]
+# bf16 tile against [D, 64] centroid tiles, 80 (159 with the Lloyd sums) registers x 256 threads and 80 KB of
+# shared memory (ptxas, sm_90a); HunyuanVideo 720p: 931 x 24 = 22,344 programs (a Lloyd step: 2,808), each
+# reading the head's 465 bf16 centroids (119 KB) from L2.
 LAUNCH = (128, 64, 8, 3)
 _CENTROIDS_PER_PROGRAM = 16  # centroid init / update kernel
 _MEAN_ROWS = 64  # rows per step of the block-mean kernel

@@ -30,9 +30,14 @@ from .words import full_row_words, pack_mask
 # before the key split (one program per row tile walked every key): the fastest of a sweep on an H200 at
 # S=32,760, H=24, D=128; to be swept again with the split (bench/predict_stages.py --sweep).
 LAUNCH = {False: (128, 64, 8, 3), True: (64, 128, 4, 2)}
-# Key split: programs per SM that the grid aims at, and the fewest BLOCK_K steps per split (to be swept).
-PROGRAMS_PER_SM = 4
+# Key split: programs per SM that the grid aims at, and the fewest BLOCK_K steps per split (to be swept). With
+# (128, 64, 8, 3) a program takes 120-121 registers x 256 threads and 48 KB of shared memory (ptxas, sm_90a):
+# 2 resident per SM, so 8 per SM is ~4 waves with a short tail; e.g. HunyuanVideo 720p (931 pooled rows,
+# 24 heads, 132 SMs): 8 row tiles x 6 splits x 24 = 1,152 programs of 311 steps (was 192 walking all 1,861);
+# S = 32,760: 2 x 22 x 24 = 1,056 programs of 24 steps (was 48 programs of 512).
+PROGRAMS_PER_SM = 8
 MIN_SPLIT_STEPS = 8
+
 
 @triton.jit
 def _or(a, b):
