@@ -125,6 +125,14 @@ def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = 
     return cached_build(f"{name}-{key}", build)
 
 
+@functools.lru_cache(maxsize=None)
+def _primary_context(index: int):
+    """The device's primary context (the one torch uses), retained once per process."""
+    from cuda.bindings import driver
+    device = _check(driver.cuDeviceGet(index), "cuDeviceGet")
+    return _check(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+
+
 class CudaKernel:
     """A loaded ``extern "C"`` kernel; ``kernel(grid, block, *args)`` launches on torch's current stream
     (tensors pass as pointers, Python floats as ``float``, anything else as ``int``)."""
@@ -134,7 +142,8 @@ class CudaKernel:
         self._driver = driver
         torch.cuda.init()
         with torch.cuda.device(device):
-            torch.empty(1, device=device)  # make torch's primary context current on this thread
+            # torch's primary context, current on this thread (a worker thread of a parallel build has none)
+            _check(driver.cuCtxSetCurrent(_primary_context(torch.device(device).index or 0)), "cuCtxSetCurrent")
             self._module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
             self._function = _check(driver.cuModuleGetFunction(self._module, name.encode()), "cuModuleGetFunction")
 
