@@ -32,8 +32,13 @@ branch of the same step, a larger one starts a new generation and drops the cach
 repeat timesteps (Heun) need ``steps="manual"`` and ``handle.set_step(step, branch)`` before each call.
 
 Fallback: inputs the kernels do not take (fp32, e.g. a CPU model; head dims other than 64 and 128; masks
-other than a valid-prefix key mask; context parallelism) run the original processor's attention call
-(SDPA), with one warning per ``install``.
+other than a valid-prefix key mask) run the original processor's attention call (SDPA), with one warning per
+``install``.
+
+Context parallelism (``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``, before
+or after ``install``): each rank's processors run the Ulysses all-to-all over diffusers' group and fgattn on
+every token of H/N heads (``context_parallel``); HunyuanVideo needs ``cp_plan=hunyuan_video.context_parallel_plan
+(transformer)``. ``ring_degree > 1`` and ``ulysses_anything`` raise a ValueError.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from typing import Callable
 import torch
 
 from . import hunyuan_video, wan
+from .context_parallel import check_config
 from .sparse_attention import PREDICTORS, FgattnProcessor, SparseSelfAttention
 
 STEP_SOURCES = ("timestep", "manual")
@@ -74,6 +80,8 @@ class FgattnHandle:
     def remove(self) -> None:
         """Put the original processor objects back and remove the step hooks (idempotent)."""
         for module, original in self._swapped:
+            if hasattr(original, "_parallel_config"):  # set on ours by an enable_parallelism after install
+                original._parallel_config = getattr(module.processor, "_parallel_config", original._parallel_config)
             module.set_processor(original)
         for hook in self._hooks:
             hook.remove()
@@ -135,6 +143,7 @@ def install(target, predictor: str = "pooled_top_p", *, block_m: int = 128, bloc
     handle = FgattnHandle()
     for transformer in _transformers(target):
         model = hunyuan_video if isinstance(transformer, hunyuan_video.MODEL) else wan
+        check_config(getattr(transformer, "_parallel_config", None))
         if any(isinstance(getattr(m, "processor", None), FgattnProcessor) for m in transformer.modules()):
             raise RuntimeError("install: this transformer already runs fgattn processors; remove() that handle first")
         modules = model.self_attention_modules(transformer)
