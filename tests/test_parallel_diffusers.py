@@ -107,8 +107,8 @@ def run_case(name: str, predictor: str, knobs: dict, dtype: torch.dtype, batch: 
     result = dict(outs=outs, mask_heads=[keys.bits.shape[1] for keys in masks],
                   density=min((keys.density() for keys in masks), default=None))
     handle.remove()
-    result["restored_config"] = all(getattr(m.processor, "_parallel_config", None) is model._parallel_config
-                                    for m in model.modules() if hasattr(getattr(m, "processor", None), "_parallel_config"))
+    processors = [m.processor for m in model.modules() if hasattr(getattr(m, "processor", None), "_parallel_config")]
+    result["restored_config"] = all(p._parallel_config is model._parallel_config for p in processors)
     return result
 
 
@@ -194,7 +194,8 @@ def single_process() -> dict:
             assert set(result["mask_heads"]) == {HEADS} and result["density"] < 0.8, (case, result)
             assert rel_l2(result["outs"][-1], without_fgattn(name, dtype, batch)) > 20 * REL_L2[dtype], case
         if name == "hunyuan":  # sample 0 without its padding
-            unpadded = without_fgattn(name, dtype, batch, encoder_attention_mask=torch.ones(batch, TEXT, dtype=torch.bool))
+            every_token = torch.ones(batch, TEXT, dtype=torch.bool)
+            unpadded = without_fgattn(name, dtype, batch, encoder_attention_mask=every_token)
             assert rel_l2(result["outs"][-1][0], unpadded[0]) > 20 * REL_L2[dtype], case
     return results
 

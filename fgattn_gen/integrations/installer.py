@@ -19,7 +19,8 @@ Predictors (the keys each block of ``block_m`` queries attends to), with their k
   ``share_branches``, ``offload`` (one cached KeySet per layer: 0.33 GiB each at HunyuanVideo 720p, 20 GiB for
   its 60 layers, so ``offload=True`` keeps them in pinned host memory).
 - ``"fixed_density"``: a synthetic local mask of ``density`` (``synthetic.local_block_mask``, one seed per
-  head from ``seed``), built once per shape and shared by every layer: set, not predicted (benchmarks).
+  head from ``seed``), built once per shape and shared by every layer: set, not predicted (benchmarks). Under
+  context parallelism each rank's H/N heads get the masks of heads 0 .. H/N-1 (same density, other masks).
 
 Text keys: with ``keep_text`` every query block keeps the text tokens of joint attention (HunyuanVideo: the
 tokens after the video). Padded keys: HunyuanVideo pads the prompt to a fixed length and masks the padding

@@ -1,7 +1,8 @@
 """The fgattn side of a diffusers self-attention layer: ``SparseSelfAttention`` (a predictor from
 ``predictors.make_predictor``, its per-layer state, the denoising step and CFG branch, text keys, padded keys,
-the SDPA fallback, Ulysses context parallelism through ``parallel.ulysses_apply``) and ``FgattnProcessor``, the base of the per-model processors (``hunyuan_video``, ``wan``).
-See ``install`` for the predictors, steps and fallback rules."""
+the SDPA fallback, Ulysses context parallelism through ``parallel.ulysses_apply``) and ``FgattnProcessor``, the
+base of the per-model processors (``hunyuan_video``, ``wan``). See ``install`` for the predictors, steps and
+fallback rules."""
 
 from __future__ import annotations
 
