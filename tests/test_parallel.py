@@ -1,5 +1,7 @@
 """``parallel.ulysses_attention`` on the CPU: P processes on the gloo backend, Triton's interpreter, against the
-single-process ``attention()`` of the full tensors (same KeySet, same predictor).
+single-process ``attention()`` of the full tensors (same KeySet, same predictor); and ``parallel.ulysses_apply``
+with a shard made of two segments (each rank holds its share of the first TAIL-less part and of the last
+P * TAIL tokens, as HunyuanVideo's video and text tokens under diffusers).
 
 The workers are this file run as a script (``python test_parallel.py RANK WORLD INIT_FILE OUT_DIR``) with
 ``TRITON_INTERPRET=1`` in their environment, so the interpreter is chosen before Triton is imported.
@@ -17,6 +19,7 @@ B, H, S, D = 1, 4, 96, 64
 BLOCK_M, BLOCK_N = 16, 1
 DTYPE = torch.float16
 KNOBS = dict(block_m=BLOCK_M, top_p=0.5, sim_threshold=-1.0)  # gate off: random q would fail it (all keys)
+TAIL = 5  # tokens per rank in the second segment
 
 
 def predictor():
@@ -38,25 +41,46 @@ def inputs():
     return q, k, v, KeySet(keys.bits, keys.n_kblocks, BLOCK_M, BLOCK_N, query_order=order)
 
 
+def segment_shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s shard of x ``[B, H, S, D]`` cut into two segments (the first S - P*TAIL tokens and the
+    last P*TAIL, each split evenly): its tokens of the first, then its tokens of the second."""
+    head = S - world * TAIL
+    first = x[:, :, rank * head // world:(rank + 1) * head // world]
+    return torch.cat([first, x[:, :, head + rank * TAIL:head + (rank + 1) * TAIL]], dim=2)
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from fgattn_gen.parallel import ulysses_attention
+    from fgattn_gen import KeySet, attention
+    from fgattn_gen.parallel import ulysses_apply, ulysses_attention
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        q, k, v, keys = inputs()
+        q_full, k_full, v_full, keys = inputs()
         shard = slice(rank * S // world, (rank + 1) * S // world)
-        q, k, v = (t[:, :, shard] for t in (q, k, v))
+        q, k, v = (t[:, :, shard] for t in (q_full, k_full, v_full))
+        segments = (S // world - TAIL, TAIL)
+        rows = slice(rank * H // world, (rank + 1) * H // world)  # this rank's heads
+        rank_keys = KeySet(keys.bits[:, rows].contiguous(), keys.n_kblocks, BLOCK_M, BLOCK_N,
+                           query_order=keys.query_order[:, rows].contiguous())
         with torch.no_grad():
             out_keys = ulysses_attention(q, k, v, keys)
             out_pred = ulysses_attention(q, k, v, predictor=predictor())
+            out_segments = ulysses_apply(*(segment_shard(t, rank, world) for t in (q_full, k_full, v_full)),
+                                         lambda *qkv: attention(*qkv, rank_keys), segments=segments)
         try:  # H - 1 heads (3) is not divisible by 2 or 4: every rank raises before any collective
             ulysses_attention(q[:, 1:], k[:, 1:], v[:, 1:], keys)
             error = None
         except ValueError as e:
             error = str(e)
-        torch.save(dict(keys=out_keys, predictor=out_pred, error=error), Path(out_dir) / f"rank{rank}.pt")
+        try:  # segments that do not sum to the shard length: every rank raises before any collective
+            ulysses_apply(q, k, v, attention, segments=(TAIL, TAIL))
+            segment_error = None
+        except ValueError as e:
+            segment_error = str(e)
+        torch.save(dict(keys=out_keys, predictor=out_pred, segments=out_segments, error=error,
+                        segment_error=segment_error), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -100,8 +124,11 @@ def test_ulysses_matches_single_process(tmp_path, single_process, world):
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=f"{case}, P={world}")
         if case == "keys":  # the same kernel on the same rows of the same KeySet: bit-exact
             assert torch.equal(got, want), f"{case}, P={world}: not bit-exact"
+            for rank, r in enumerate(results):  # the same rows of the same KeySet with two segments: bit-exact
+                assert torch.equal(r["segments"], segment_shard(want, rank, world)), f"segments, P={world}, rank {rank}"
     for r in results:  # H=3 over P ranks: ValueError naming q, raised before any collective
         assert r["error"] is not None and r["error"].startswith("q:") and "H=3" in r["error"], r["error"]
+        assert r["segment_error"] is not None and r["segment_error"].startswith("segments:"), r["segment_error"]
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ predictor=..., **knobs)`` routes the video self-attention of HunyuanVideo and Wa
 
 Modules: ``installer`` (install, the handle, step tracking from the timestep), ``sparse_attention`` (the
 predictor of each layer through ``predictors.make_predictor``, text and padded keys, the SDPA fallback, the
-processors' base), ``hunyuan_video`` and ``wan`` (the per-model processors). The names are imported on first use (PEP 562):
-importing this package imports neither diffusers nor Triton.
+processors' base), ``hunyuan_video`` and ``wan`` (the per-model processors; HunyuanVideo's context-parallel
+plan), ``context_parallel`` (diffusers' ``ParallelConfig`` -> the Ulysses group). The names are imported on
+first use (PEP 562): importing this package imports neither diffusers nor Triton.
 """
 
 import importlib

@@ -5,11 +5,15 @@ single-stream blocks through fgattn.
 projections, QK norm, rotary embedding of the video tokens and concatenation ``[video; text]``, then
 ``SparseSelfAttention`` over all ``S = video + text`` tokens with the text keys kept and the padded text keys
 (the encoder attention mask) cut off. The token refiner's text-only attention keeps its processor.
+
+Context parallelism: diffusers 0.42 has no ``_cp_plan`` for this model; ``context_parallel_plan(transformer)`` is
+one (pass it as ``enable_parallelism(config=..., cp_plan=...)``).
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
@@ -25,6 +29,32 @@ def self_attention_modules(transformer: HunyuanVideoTransformer3DModel) -> list[
     """The attention modules that run ``HunyuanVideoAttnProcessor2_0`` (dual-stream blocks first)."""
     return [m for m in transformer.modules()
             if isinstance(m, Attention) and isinstance(m.processor, HunyuanVideoAttnProcessor2_0)]
+
+
+def context_parallel_plan(transformer: HunyuanVideoTransformer3DModel) -> dict:
+    """A diffusers ``cp_plan`` for HunyuanVideo: ``transformer.enable_parallelism(config=ContextParallelConfig(
+    ulysses_degree=N), cp_plan=context_parallel_plan(transformer))``.
+
+    Before the first dual-stream block the video tokens (``hidden_states``) and the refined text tokens
+    (``encoder_hidden_states``) are each split evenly along the sequence (both counts must be divisible by N),
+    the video tokens' rotary embedding likewise, and the video tokens are gathered after ``proj_out``: rank r
+    attends with ``[its video tokens; its text tokens]``, which the fgattn processors put back in the model's
+    ``[video; text]`` order after the all-to-all (``parallel.ulysses_apply`` with two segments). The attention
+    mask stays whole, in the model's order; the processors give their SDPA fallback its shard order. (diffusers'
+    own ``HunyuanVideoAttnProcessor2_0`` would apply that whole mask to the shards' order: wrong for a padded
+    prompt.) The token-replace (image-to-video) variant is refused: its blocks index the first frame's tokens
+    of the whole sequence.
+    """
+    if not isinstance(transformer, HunyuanVideoTransformer3DModel):
+        raise TypeError(f"transformer: expected a HunyuanVideoTransformer3DModel, got {type(transformer).__name__}")
+    if transformer.config.image_condition_type == "token_replace":
+        raise ValueError("transformer: image_condition_type='token_replace' is not supported under context "
+                         "parallelism (its blocks slice the first frame's tokens out of the whole sequence)")
+    tokens = ContextParallelInput(split_dim=1, expected_dims=3)
+    rotary = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+    return {"transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
+            "rope": {0: rotary, 1: rotary},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
 
 
 class Processor(FgattnProcessor):
@@ -75,14 +105,13 @@ class Processor(FgattnProcessor):
             value = torch.cat([value, encoder_value], dim=1)
 
         # 5. Attention: fgattn over [video; text], the text keys kept
-        seq = query.shape[1]
-        text = (seq - encoder_hidden_states.shape[1], seq) if encoder_hidden_states is not None else None
-
-        def sdpa():
-            return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+        def sdpa(mask):
+            return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                          backend=self._attention_backend, parallel_config=self._parallel_config)
 
-        hidden_states = self.attend(query, key, value, text=text, attention_mask=attention_mask, sdpa=sdpa)
+        text_tokens = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+        hidden_states = self.attend(query, key, value, text_tokens=text_tokens, attention_mask=attention_mask,
+                                    sdpa=sdpa)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         # 6. Output projections

@@ -19,7 +19,8 @@ Predictors (the keys each block of ``block_m`` queries attends to), with their k
   ``share_branches``, ``offload`` (one cached KeySet per layer: 0.33 GiB each at HunyuanVideo 720p, 20 GiB for
   its 60 layers, so ``offload=True`` keeps them in pinned host memory).
 - ``"fixed_density"``: a synthetic local mask of ``density`` (``synthetic.local_block_mask``, one seed per
-  head from ``seed``), built once per shape and shared by every layer: set, not predicted (benchmarks).
+  head from ``seed``), built once per shape and shared by every layer: set, not predicted (benchmarks). Under
+  context parallelism each rank's H/N heads get the masks of heads 0 .. H/N-1 (same density, other masks).
 
 Text keys: with ``keep_text`` every query block keeps the text tokens of joint attention (HunyuanVideo: the
 tokens after the video). Padded keys: HunyuanVideo pads the prompt to a fixed length and masks the padding
@@ -32,8 +33,13 @@ branch of the same step, a larger one starts a new generation and drops the cach
 repeat timesteps (Heun) need ``steps="manual"`` and ``handle.set_step(step, branch)`` before each call.
 
 Fallback: inputs the kernels do not take (fp32, e.g. a CPU model; head dims other than 64 and 128; masks
-other than a valid-prefix key mask; context parallelism) run the original processor's attention call
-(SDPA), with one warning per ``install``.
+other than a valid-prefix key mask) run the original processor's attention call (SDPA), with one warning per
+``install``.
+
+Context parallelism (``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``, before
+or after ``install``): each rank's processors run the Ulysses all-to-all over diffusers' group and fgattn on
+every token of H/N heads (``context_parallel``); HunyuanVideo needs ``cp_plan=hunyuan_video.context_parallel_plan
+(transformer)``. ``ring_degree > 1`` and ``ulysses_anything`` raise a ValueError.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import Callable
 import torch
 
 from . import hunyuan_video, wan
+from .context_parallel import check_config
 from .sparse_attention import PREDICTORS, FgattnProcessor, SparseSelfAttention
 
 STEP_SOURCES = ("timestep", "manual")
@@ -74,6 +81,8 @@ class FgattnHandle:
     def remove(self) -> None:
         """Put the original processor objects back and remove the step hooks (idempotent)."""
         for module, original in self._swapped:
+            if hasattr(original, "_parallel_config"):  # set on ours by an enable_parallelism after install
+                original._parallel_config = getattr(module.processor, "_parallel_config", original._parallel_config)
             module.set_processor(original)
         for hook in self._hooks:
             hook.remove()
@@ -135,6 +144,7 @@ def install(target, predictor: str = "pooled_top_p", *, block_m: int = 128, bloc
     handle = FgattnHandle()
     for transformer in _transformers(target):
         model = hunyuan_video if isinstance(transformer, hunyuan_video.MODEL) else wan
+        check_config(getattr(transformer, "_parallel_config", None))
         if any(isinstance(getattr(m, "processor", None), FgattnProcessor) for m in transformer.modules()):
             raise RuntimeError("install: this transformer already runs fgattn processors; remove() that handle first")
         modules = model.self_attention_modules(transformer)

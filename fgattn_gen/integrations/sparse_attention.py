@@ -1,7 +1,8 @@
 """The fgattn side of a diffusers self-attention layer: ``SparseSelfAttention`` (a predictor from
 ``predictors.make_predictor``, its per-layer state, the denoising step and CFG branch, text keys, padded keys,
-the SDPA fallback) and ``FgattnProcessor``, the base of the per-model processors (``hunyuan_video``, ``wan``).
-See ``install`` for the predictors, steps and fallback rules."""
+the SDPA fallback, Ulysses context parallelism through ``parallel.ulysses_apply``) and ``FgattnProcessor``, the
+base of the per-model processors (``hunyuan_video``, ``wan``). See ``install`` for the predictors, steps and
+fallback rules."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Callable
 import torch
 
 from ..attention_api import attention
+from ..parallel import rank_major, ulysses_apply
 from ..predictors import PREDICTORS, CachedMask, Predictor, knob_names, make_predictor
 from ..variant import DTYPE_NAMES, HEAD_DIMS
+from .context_parallel import ulysses_group
 
 HUNYUAN_REFRESH_STEPS = (0, 1, 10, 40)  # Chipmunk's full steps for HunyuanVideo's 50-step schedule
 
@@ -83,40 +86,58 @@ class SparseSelfAttention:
 
     # ------------------------------------------------------------------ attention
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layer: int,
-                 text: tuple[int, int] | None, attention_mask: torch.Tensor | None,
-                 sdpa: Callable[[], torch.Tensor], context_parallel: bool = False) -> torch.Tensor:
+                 text_tokens: int, attention_mask: torch.Tensor | None,
+                 sdpa: Callable[[torch.Tensor | None], torch.Tensor], parallel_config=None) -> torch.Tensor:
         """Self-attention of one layer, in diffusers' layout.
 
         Args:
-            query, key, value: ``[B, S, H, D]`` (last dim contiguous), as diffusers' processors hold them.
+            query, key, value: ``[B, s, H, D]`` (last dim contiguous), as diffusers' processors hold them: the
+                whole sequence, or under context parallelism (``parallel_config``) this rank's shard, its share of
+                each segment (the video tokens, then the text tokens).
             layer: index of the layer (the key of its cached masks).
-            text: token range ``[start, end)`` of the text keys, or None.
-            attention_mask: None or the processor's key mask (bool ``[B, 1, 1, S]`` or ``[B, S]``, True = valid).
-            sdpa: the original processor's attention call on the same tensors (the fallback).
-            context_parallel: the processor runs under diffusers' context parallelism (fgattn does not).
+            text_tokens: how many of the s tokens are text tokens, at the end (0: none).
+            attention_mask: None or the processor's key mask over the whole sequence in the model's order
+                (bool ``[B, 1, 1, S]`` or ``[B, S]``, True = valid).
+            sdpa: ``sdpa(attn_mask)`` is the original processor's attention call on the same tensors (the
+                fallback); under context parallelism it gets the mask in the order of the gathered shards.
+            parallel_config: the processor's diffusers ``ParallelConfig`` (None: one device). With Ulysses
+                context parallelism of degree N, fgattn runs on all S = N*s tokens of H/N heads between two
+                all-to-alls (``parallel.ulysses_apply``), so the predictors and their cached masks see the
+                tokens of the one-device call and keep this rank's heads only.
         Returns:
-            ``[B, S, H, D]`` in q's dtype (a transposed view of fgattn's ``[B, H, S, D]`` output).
+            ``[B, s, H, D]`` in q's dtype (a transposed view of fgattn's ``[B, H, s, D]`` output).
         """
+        group, world = ulysses_group(parallel_config, query.shape[2])
+        seq = query.shape[1]
+        segments = tuple(n for n in (seq - text_tokens, text_tokens) if n)
+        text = (world * (seq - text_tokens), world * seq) if text_tokens else None
         try:
-            if context_parallel:
-                raise _Unsupported("context parallelism (fgattn attends on one device)")
             self._check_supported(query, key)
-            lengths = self._key_lengths(attention_mask, query.shape[0], key.shape[1])
+            lengths = self._key_lengths(attention_mask, query.shape[0], world * key.shape[1])
         except _Unsupported as reason:
             if not self._warned:
                 warnings.warn(f"fgattn: {reason}; these layers run the original SDPA attention instead "
                               f"(warned once per install)", stacklevel=3)
                 self._warned = True
-            return sdpa()
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D] views, no copies
-        seq_k = k.shape[2]
-        if lengths is None or len(set(lengths)) == 1:
-            valid = seq_k if lengths is None else lengths[0]
-            out = self._attend(q, k[:, :, :valid], v[:, :, :valid], layer, text, sample=None)
-        else:
-            out = torch.cat([self._attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], layer, text, sample=b)
-                             for b, n in enumerate(lengths)])
+            if attention_mask is not None and world > 1 and attention_mask.shape[-1] == world * seq:
+                attention_mask = rank_major(attention_mask, segments, world, dim=-1)
+            return sdpa(attention_mask)
+
+        def attend(q, k, v):  # [B, H', S, D]: every token of H' heads
+            return self._attend_sequence(q, k, v, layer, text, lengths)
+
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, s, D] views, no copies
+        out = attend(q, k, v) if world == 1 else ulysses_apply(q, k, v, attend, group=group, segments=segments)
         return out.transpose(1, 2)
+
+    def _attend_sequence(self, q, k, v, layer: int, text: tuple[int, int] | None,
+                         lengths: tuple[int, ...] | None) -> torch.Tensor:
+        """fgattn on q/k/v ``[B, H, S, D]`` over each sample's valid keys (``lengths``, None: all)."""
+        if lengths is None or len(set(lengths)) == 1:
+            valid = k.shape[2] if lengths is None else lengths[0]
+            return self._attend(q, k[:, :, :valid], v[:, :, :valid], layer, text, sample=None)
+        return torch.cat([self._attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], layer, text, sample=b)
+                          for b, n in enumerate(lengths)])
 
     def _check_supported(self, query: torch.Tensor, key: torch.Tensor) -> None:
         if query.dtype not in DTYPE_NAMES:
@@ -177,7 +198,9 @@ class FgattnProcessor:
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
 
-    def attend(self, query, key, value, *, text, attention_mask, sdpa: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``SparseSelfAttention`` of this layer on ``[B, S, H, D]`` tensors (see there)."""
-        return self.sparse(query, key, value, layer=self.layer, text=text, attention_mask=attention_mask,
-                           sdpa=sdpa, context_parallel=self._parallel_config is not None)
+    def attend(self, query, key, value, *, text_tokens: int, attention_mask,
+               sdpa: Callable[[torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """``SparseSelfAttention`` of this layer on ``[B, s, H, D]`` tensors, under this processor's diffusers
+        parallel config (see there)."""
+        return self.sparse(query, key, value, layer=self.layer, text_tokens=text_tokens, attention_mask=attention_mask,
+                           sdpa=sdpa, parallel_config=self._parallel_config)

@@ -53,11 +53,11 @@ class Processor(FgattnProcessor):
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
-        def sdpa():
-            return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+        def sdpa(mask):
+            return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                          backend=self._attention_backend, parallel_config=self._parallel_config)
 
-        hidden_states = self.attend(query, key, value, text=None, attention_mask=attention_mask, sdpa=sdpa)
+        hidden_states = self.attend(query, key, value, text_tokens=0, attention_mask=attention_mask, sdpa=sdpa)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
