@@ -8,8 +8,9 @@ launch-parameter choices of each kernel (the module constants documented as "to 
 
 Per shape: one line per stage (median of ``triton.testing.do_bench``, ms and share of dense; bar for the whole
 call: 5 %), the host time to enqueue one ``predict`` call (when it exceeds the device time the call is
-launch-bound), and with ``--sweep`` one line per setting: its time and the fraction of KeySet bits (or query
-order entries) that differ from the current constants' result (near-ties only: expect ~0).
+launch-bound), and with ``--sweep`` one line per setting: its time and how far its result is from the current
+constants' (fraction of differing KeySet bits or query-order entries: near-ties only, expect ~0; max |diff|
+of the mass estimate: rounding, expect < 1e-4).
 """
 
 from __future__ import annotations
@@ -82,10 +83,13 @@ def stages(q, k, text, dense: float) -> None:
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.dtype == torch.int32:  # KeySet words: differing bits
+    """Fraction of differing KeySet bits (int32 words) or order entries (int64); max |a - b| of a mass."""
+    if a.dtype == torch.int32:
         x = a ^ b
         bits = sum(int(((x >> i) & 1).sum()) for i in range(32))
         return bits / (a.numel() * 32)
+    if a.is_floating_point():
+        return float((a - b).abs().max())
     return float((a != b).float().mean())
 
 

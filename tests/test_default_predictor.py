@@ -15,6 +15,7 @@ from fgattn_gen.predictors.captured_mass import fused_mass, sample_rows
 from fgattn_gen.predictors.key_splits import key_splits, sm_count
 
 captured_mass_module = importlib.import_module("fgattn_gen.predictors.captured_mass")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_cluster_order_groups_clusters(gen):
@@ -95,15 +96,18 @@ def test_threshold_words_split_keys(gen, monkeypatch, n_keys, rows_per_block, wi
     monkeypatch.setattr(threshold_rule, "LAUNCH", {False: (16, 32, 4, 1), True: (16, 32, 4, 1)})
     groups = 45
     n_blocks = -(-groups // rows_per_block)
-    q_mean = torch.randn(2, groups, 64, generator=gen)
-    q_var = torch.randn(2, groups, 64, generator=gen).abs() if with_var else None
-    k_mean = 3 * torch.randn(2, n_keys, 64, generator=gen)
+    q_mean = torch.randn(2, groups, 64, generator=gen).to(DEVICE)
+    q_var = torch.randn(2, groups, 64, generator=gen).abs().to(DEVICE) if with_var else None
+    k_mean = 3 * torch.randn(2, n_keys, 64, generator=gen).to(DEVICE)
     for t in (0.5, 3.0):
         args = (q_mean, k_mean, 1 / 8, min(1.0, t / n_keys))
         kw = dict(rows_per_block=rows_per_block, n_blocks=n_blocks, dtype=torch.float32, q_var=q_var)
-        got = threshold_rule.pooled_threshold_words(*args, impl="kernels", **kw)
-        want = threshold_rule.pooled_threshold_words(*args, impl="torch", **kw)
-        assert torch.equal(got, want)
+        got = KeySet(threshold_rule.pooled_threshold_words(*args, impl="kernels", **kw)[None], n_keys, 1).to_mask()
+        want = KeySet(threshold_rule.pooled_threshold_words(*args, impl="torch", **kw)[None], n_keys, 1).to_mask()
+        if DEVICE == "cpu":
+            assert torch.equal(got, want)
+        else:  # other exp and summation order than the torch rule: near-ties may differ
+            assert (got != want).float().mean() <= 2e-3
 
 
 def test_fused_widening_matches_torch(gen, monkeypatch):
@@ -111,7 +115,7 @@ def test_fused_widening_matches_torch(gen, monkeypatch):
     torch.where on the torch path; split keys, a query order, a ragged last key word."""
     monkeypatch.setattr(mass_kernel, "MIN_SPLIT_STEPS", 1)
     monkeypatch.setattr(mass_kernel, "PROGRAMS_PER_SM", 64)
-    data = dit_qkv("narrow-cpu", family="mixed-sharpness", seed=2)
+    data = dit_qkv("narrow-cpu", family="mixed-sharpness", seed=2, device=DEVICE)
     q, k = data.q, data.k
     keys = predict(q, k, threshold_scale=20.0, min_mass=None)
     assert keys.n_kblocks % 32 != 0
@@ -120,9 +124,8 @@ def test_fused_widening_matches_torch(gen, monkeypatch):
     widened = KeySet(bits, keys.n_kblocks, 128, 1, query_order=keys.query_order)
     mass = fused_mass(q, k, widened, rows, weights, scale=q.shape[-1] ** -0.5, min_mass=0.3)
     monkeypatch.setattr(captured_mass_module, "runs_fused", lambda q: False)
-    want = captured_mass(q, k, keys, samples=2)
-    torch.testing.assert_close(mass, want, atol=2e-5, rtol=1e-4)
-    low = want < 0.3
+    torch.testing.assert_close(mass, captured_mass(q, k, keys, samples=2), atol=2e-5, rtol=1e-4)
+    low = mass < 0.3
     assert low.any() and (~low).any()
     full = KeySet.full(*q.shape[:3], k.shape[2], block_m=128, device=q.device).bits
     assert torch.equal(bits, torch.where(low[..., None], full, keys.bits))

@@ -11,9 +11,9 @@ sequence), or, with a ``generator``, at a uniformly random position in each stra
 The rows are the same for every batch and head.
 
 Cost: ``B * H * n_query_blocks * samples * Sk * D`` multiply-adds (e.g. 8 rows of each 128-query block:
-1/16 of the q k^T product of dense attention). On CUDA (and in Triton's interpreter) one fused kernel
-(``mass_kernel``, the key range split across programs) scores the sampled rows, read in place through any
-``query_order``, in one pass over the keys, scores never written; elsewhere
+1/16 of the q k^T product of dense attention). On CUDA (and in Triton's interpreter) fused kernels
+(``mass_kernel``: the key range split across programs, then a per-block merge) score the sampled rows, read in
+place through any ``query_order``, in one pass over the keys, scores never written; elsewhere
 torch ops, whose fp32 ``[rows, Sk]`` probabilities of a chunk of heads (or, if one head does not fit, of a
 chunk of its query blocks) stay under ``workspace_budget()``. A KeySet with ``query_order`` is estimated on
 its own blocks (the rows of block i are the queries it orders there). No host synchronisation.

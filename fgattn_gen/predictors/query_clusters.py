@@ -15,9 +15,9 @@ GPU / interpreter: fused Triton kernels, no score matrix in memory and no host s
   each tile's queries per cluster (``counts[head, cluster, tile]``).
 - centroid update: each centroid becomes its normalised sum (an empty cluster keeps its centroid); the sums
   are cleared for the next step.
-- order (a counting sort, stable in position): one cumsum of ``counts`` over (cluster, tile) gives the number
-  of queries before each (cluster, tile) run; a query's slot adds its rank among its tile's queries of the
-  same cluster. Where ``counts`` would exceed ``workspace_budget()`` (very long sequences) an argsort of
+- order (a counting sort, stable in position): one cumsum of ``counts`` over (head, cluster, tile) gives the
+  number of queries before each (cluster, tile) run; a query's slot adds its rank among its tile's queries of
+  the same cluster. Where ``counts`` would exceed ``workspace_budget()`` (very long sequences) an argsort of
   ``cluster * S + position`` does the same.
 CPU without the interpreter: the same steps in torch ops (``cluster_order_torch``, the reference of the tests),
 a chunk of heads at a time under the workspace budget. The fused assignment compares fp32 scores where the
@@ -115,9 +115,9 @@ def _assign_kernel(X, CENT, ASSIGN, SUMS, COUNTS, stride_xb, stride_xh, stride_x
 
 @triton.jit
 def _rank_kernel(ASSIGN, BEFORE, ORDER, n_points, n_clusters, n_tiles, BLOCK_M: tl.constexpr):
-    """BEFORE int32 [n, C * n_tiles]: inclusive cumsum of the counts (cluster-major). Query i (tile t, cluster a)
-    goes to slot ``BEFORE[a * n_tiles + t - 1] + (earlier queries of tile t in cluster a)``; ORDER int64 [n, S]
-    [slot] = i. Program (tile, n)."""
+    """BEFORE int [n * C * n_tiles]: inclusive cumsum of the flattened counts [n, C, n_tiles] (one scan over every
+    head). Query i of head n (tile t, cluster a) goes to slot ``queries before (n, a, t) - queries before head n
+    + (earlier queries of tile t in cluster a)``; ORDER int64 [n, S][slot] = i. Program (tile, n)."""
     tile = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,8 +125,11 @@ def _rank_kernel(ASSIGN, BEFORE, ORDER, n_points, n_clusters, n_tiles, BLOCK_M: 
     a = tl.load(ASSIGN + n * n_points + offs_m, mask=row_ok, other=-1)
     same = (a[:, None] == a[None, :]) & (tl.arange(0, BLOCK_M)[None, :] < tl.arange(0, BLOCK_M)[:, None])
     rank = tl.sum(same.to(tl.int32), 1)
-    flat = a.to(tl.int64) * n_tiles + tile
-    before = tl.load(BEFORE + n * n_clusters * n_tiles + flat - 1, mask=row_ok & (flat > 0), other=0)
+    head = n * n_clusters * n_tiles
+    flat = head + a.to(tl.int64) * n_tiles + tile
+    before = tl.load(BEFORE + flat - 1, mask=row_ok & (flat > 0), other=0)
+    if n > 0:
+        before -= tl.load(BEFORE + head - 1)
     tl.store(ORDER + n * n_points + before + rank, offs_m.to(tl.int64), mask=row_ok)
 
 
@@ -206,7 +209,8 @@ def cluster_order(q: torch.Tensor, *, tokens_per_cluster: int = 256, steps: int 
                                  ACCUMULATE=False, COUNT=by_count, **launch)
     if by_count:
         order = torch.empty(n, seq, dtype=torch.int64, device=dev)
-        before = torch.cumsum(counts.view(n, -1), dim=1, dtype=torch.int32)
+        # one flat scan (a device-wide scan, not one thread block per head); int32 while it cannot overflow
+        before = torch.cumsum(counts.view(-1), dim=0, dtype=torch.int32 if n * seq < 2**31 else torch.int64)
         _rank_kernel[(n_tiles, n)](assign, before, order, seq, n_clusters, n_tiles, BLOCK_M=block_m, num_warps=4)
     else:
         order = (assign.to(torch.int64) * seq + torch.arange(seq, device=dev)).argsort(-1)
