@@ -24,11 +24,12 @@ from .captured_mass import captured_mass
 from .min_mass import check_min_mass
 from .pooled_top_p import pooled_top_p
 from .query_clusters import cluster_order
+from .threshold_rule import head_thresholds
 from .words import full_row_words
 
 
 def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: int = 1,
-            threshold_scale: float = 1.5, tokens_per_cluster: int | None = 256, cluster_steps: int = 4,
+            threshold_scale: float | list[float] = 1.5, tokens_per_cluster: int | None = 256, cluster_steps: int = 4,
             min_mass: float | None = 0.3, samples: int = 2,
             keep_keys: tuple[int, int] | list[tuple[int, int]] | None = None, scale: float | None = None,
             return_mass: bool = False) -> KeySet | tuple[KeySet, torch.Tensor | None]:
@@ -38,7 +39,7 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
         q: ``[B, H, Sq, D]``; k: ``[B, H, Sk, D]``; bf16/fp16 (fp32 on the CPU), D in {64, 128}.
         block_m, block_n: the KeySet layout.
         threshold_scale: keep keys whose pooled probability exceeds ``threshold_scale / Sk`` (> 0; larger:
-            sparser).
+            sparser); or a list (1-D tensor) of H such values, one per head (``calibrate``).
         tokens_per_cluster: queries per k-means centroid, or None for raster query blocks (no permutation).
         cluster_steps: Lloyd steps of the clustering.
         min_mass: in (0, 1], or None for no check: blocks whose estimated captured mass is below it keep
@@ -53,16 +54,16 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
         ``tokens_per_cluster`` is None), and with ``return_mass`` the estimate.
     """
     checks.check_tensors(q=q, k=k)
-    if isinstance(threshold_scale, bool) or not isinstance(threshold_scale, (int, float)) \
-            or not 0 < threshold_scale <= k.shape[2]:
-        raise ValueError(f"threshold_scale: expected a number in (0, Sk = {k.shape[2]}], got {threshold_scale!r}")
+    threshold = head_thresholds(threshold_scale, q.shape[1], "threshold_scale", upper=k.shape[2]) / k.shape[2]
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.tolist()
     if min_mass is not None:
         min_mass = check_min_mass(min_mass)
     samples = checks.check_positive_int(samples, "samples")
     order = None if tokens_per_cluster is None else cluster_order(q, tokens_per_cluster=tokens_per_cluster,
                                                                    steps=cluster_steps)
     ordered = q if order is None else q.gather(2, order[..., None].expand(-1, -1, -1, q.shape[-1]))
-    keys = pooled_top_p(ordered, k, block_m=block_m, block_n=block_n, threshold=threshold_scale / k.shape[2],
+    keys = pooled_top_p(ordered, k, block_m=block_m, block_n=block_n, threshold=threshold,
                         sim_threshold=-1.0, pool=block_m, keep_keys=keep_keys, scale=scale)
     keys = KeySet(keys.bits, keys.n_kblocks, block_m, block_n, query_order=order)
     mass = None

@@ -3,7 +3,8 @@
 Pooled row g scores key group j with ``s_gj = scale * q̄_g . k̄_j`` (plus, with a variance, the log-normal
 term ``scale^2 / 2 * var_g . k̄_j^2``); key group j is kept for row g when ``softmax(s_g)_j > threshold``,
 i.e. ``s_gj > lse_g + log(threshold)``; a kernel query block keeps the union of its rows' keys. No search:
-the threshold is the same for every row, block and head, so the density follows the scores.
+the threshold is the same for every row and block (and head, unless one is given per head: a tensor, see
+``head_thresholds``), so the density follows the scores.
 
 GPU / interpreter: one fused Triton program per (``BLOCK_G`` pooled rows, head) walks the keys twice, once
 for the rows' log-sum-exp and once to compare and pack KeySet words; the scores are never written to memory.
@@ -54,10 +55,11 @@ def _scores(qm, qv, K, stride_ks, k0, n_keys, offs_d, BLOCK_K: tl.constexpr, WIT
 
 @triton.jit
 def _pooled_threshold_kernel(QM, QV, K, WORDS, stride_qn, stride_qg, stride_kn, stride_ks, n_groups, n_keys,
-                             n_words, n_blocks, scale, half_scale2, log_threshold, HEAD_DIM: tl.constexpr,
+                             n_words, n_blocks, scale, half_scale2, log_threshold, LOG_T, HEAD_DIM: tl.constexpr,
                              BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, ROWS_PER_BLOCK: tl.constexpr,
-                             WITH_VAR: tl.constexpr, DOT_FP32: tl.constexpr):
-    """QM, QV fp32 [n, G, D]; K [n, Gk, D]; WORDS int32 [n, n_blocks, n_words]. Program (row tile, n)."""
+                             WITH_VAR: tl.constexpr, DOT_FP32: tl.constexpr, PER_HEAD: tl.constexpr):
+    """QM, QV fp32 [n, G, D]; K [n, Gk, D]; WORDS int32 [n, n_blocks, n_words]; LOG_T fp32 [n], read instead of
+    the scalar ``log_threshold`` when PER_HEAD. Program (row tile, n)."""
     n = tl.program_id(1).to(tl.int64)
     offs_g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -78,6 +80,8 @@ def _pooled_threshold_kernel(QM, QV, K, WORDS, stride_qn, stride_qg, stride_kn, 
         m_new = tl.maximum(m, tl.max(s, 1))
         z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
         m = m_new
+    if PER_HEAD:
+        log_threshold = tl.load(LOG_T + n)
     cut = m + tl.log(z) + log_threshold
     lane = tl.arange(0, 32)
     offs_b = tl.program_id(0) * (BLOCK_G // ROWS_PER_BLOCK) + tl.arange(0, BLOCK_G // ROWS_PER_BLOCK)
@@ -101,19 +105,22 @@ def _words_triton(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blo
     block_g, block_k, num_warps, num_stages = _LAUNCH[q_var is not None]
     block_g = max(block_g, rows_per_block)
     grid = (triton.cdiv(groups, block_g), n)
+    per_head = isinstance(threshold, torch.Tensor)
+    log_t = threshold.log().contiguous() if per_head else q_mean  # (unread without PER_HEAD)
     _pooled_threshold_kernel[grid](
         q_mean, q_var if q_var is not None else q_mean, k_mean, words, q_mean.stride(0), q_mean.stride(1),
         k_mean.stride(0), k_mean.stride(1), groups, n_keys, n_words, n_blocks, scale, 0.5 * scale * scale,
-        math.log(threshold), HEAD_DIM=d, BLOCK_G=block_g, BLOCK_K=block_k, ROWS_PER_BLOCK=rows_per_block,
-        WITH_VAR=q_var is not None, DOT_FP32=interpreting() or dtype == torch.float32, num_warps=num_warps,
-        num_stages=num_stages)
+        0.0 if per_head else math.log(threshold), log_t, HEAD_DIM=d, BLOCK_G=block_g, BLOCK_K=block_k,
+        ROWS_PER_BLOCK=rows_per_block, WITH_VAR=q_var is not None, DOT_FP32=interpreting() or dtype == torch.float32,
+        PER_HEAD=per_head, num_warps=num_warps, num_stages=num_stages)
     return words
 
 
 def _words_torch(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blocks, dtype):
     scores = pooled_scores(q_mean, k_mean, scale, dtype, q_var=q_var)
     n, groups, n_keys = scores.shape
-    keep = scores > (scores.logsumexp(-1, keepdim=True) + math.log(threshold))
+    log_t = threshold.log()[:, None, None] if isinstance(threshold, torch.Tensor) else math.log(threshold)
+    keep = scores > (scores.logsumexp(-1, keepdim=True) + log_t)
     keep = torch.nn.functional.pad(keep, (0, 0, 0, n_blocks * rows_per_block - groups))
     return pack_mask(keep.view(n, n_blocks, rows_per_block, n_keys).any(2))
 
@@ -124,7 +131,24 @@ def runs_fused(impl: str, rows_per_block: int) -> bool:
     return impl == "kernels" and rows_per_block & (rows_per_block - 1) == 0
 
 
-def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float, threshold: float, *,
+def head_thresholds(threshold, heads: int, name: str = "threshold", upper: float = 1.0) -> float | torch.Tensor:
+    """A threshold knob: a number in (0, upper] -> float, or one per head (a list, tuple or 1-D tensor of
+    ``heads`` such numbers; a tensor is read on the host once) -> fp32 CPU tensor ``[heads]``. ValueError
+    naming ``name`` otherwise."""
+    def ok(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 < x <= upper
+
+    if ok(threshold):
+        return float(threshold)
+    values = threshold.tolist() if isinstance(threshold, torch.Tensor) and threshold.dim() == 1 else threshold
+    if not isinstance(values, (list, tuple)) or len(values) != heads or not all(ok(x) for x in values):
+        raise ValueError(f"{name}: expected a number in (0, {upper:g}] or a list of {heads} of them (one per "
+                         f"head), got {threshold!r}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float,
+                           threshold: float | torch.Tensor, *,
                            rows_per_block: int, n_blocks: int, impl: str, dtype: torch.dtype,
                            q_var: torch.Tensor | None = None, keep_all: torch.Tensor | None = None) -> torch.Tensor:
     """KeySet words of the key groups whose pooled probability exceeds ``threshold`` for some pooled row of
@@ -133,7 +157,8 @@ def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: fl
     Args:
         q_mean: fp32 ``[n, G, D]`` pooled queries (D a power of two for the Triton impl).
         k_mean: ``[n, Gk, D]`` keys or pooled keys, last dim contiguous.
-        scale: softmax scale; threshold: probability in (0, 1].
+        scale: softmax scale; threshold: probability in (0, 1], or fp32 ``[n]`` on q_mean's device: one per row
+            of q_mean's first dim (per head).
         rows_per_block: pooled rows per KeySet query block (block i owns rows ``[i * rpb, (i + 1) * rpb)``);
             the fused kernel takes powers of two, other values run the torch rule.
         n_blocks: KeySet query blocks, ``>= ceil(G / rows_per_block)``.
@@ -145,7 +170,8 @@ def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: fl
         int32 ``[n, n_blocks, ceil(Gk / 32)]``.
     """
     words_fn = _words_triton if runs_fused(impl, rows_per_block) else _words_torch
-    words = words_fn(q_mean, k_mean, q_var, scale, float(threshold), rows_per_block, n_blocks, dtype)
+    threshold = threshold if isinstance(threshold, torch.Tensor) else float(threshold)
+    words = words_fn(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blocks, dtype)
     if keep_all is not None:
         words = torch.where(keep_all[..., None], full_row_words(k_mean.shape[1], k_mean.device), words)
     return words
