@@ -124,12 +124,25 @@ class CachedMask(Predictor):
         refresh = self.needs_refresh(step, layer, branch)
         self._last_step[slot] = step
         if refresh:
-            out, keys = exact_mask(q, k, v, **self.mask_options)
+            out, keys = exact_mask(q, k, v, **self._served(q, k, layer))
             stored = _copy_to(keys, torch.device("cpu")) if self.offload_masks else keys
             self._entries[slot] = _Entry(stored, step, _Density(keys))
             return Prediction(keys, out)
         entry = self._entries[slot]
         return Prediction(replace(_copy_to(entry.keys, q.device), density_hint=entry.density.value()))
+
+    def _served(self, q: torch.Tensor, k: torch.Tensor, layer: int) -> dict:
+        """``mask_options``, with the calibrated per-head ``threshold`` of ``layer`` the registry serves for
+        this shape (``registry.served_knobs``) when neither ``threshold`` nor ``top_p`` was given."""
+        options = self.mask_options
+        if options["threshold"] is not None or options["top_p"] is not None or q.device.type not in ("cpu", "cuda"):
+            return options
+        from ..registry import served_knobs
+
+        served = served_knobs(device=q.device, predictor="cached_exact", heads=q.shape[1], seq_q=q.shape[2],
+                              seq_k=k.shape[2], head_dim=q.shape[3], block_m=options["block_m"],
+                              block_n=options["block_n"], layer=layer)
+        return options if served is None else {**options, "threshold": served["threshold"]}
 
     def keys(self, layer: int, branch: int = 0) -> KeySet | None:
         """The cached KeySet of a layer (and branch), wherever it lives, or None."""

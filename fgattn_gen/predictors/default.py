@@ -77,11 +77,27 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
 
 class Default(Predictor):
     """``predict`` as a ``Predictor`` (``attention(q, k, v, predictor="default")``): the KeySet and the
-    captured-mass estimate of each call."""
+    captured-mass estimate of each call. Without an explicit ``threshold_scale`` it takes the calibrated
+    knobs the registry serves for this shape (``registry.served_knobs``; of the layer bound by ``at(layer=)``,
+    else ``"*"``), under the knobs given here; with none served, ``predict``'s defaults."""
 
     def __init__(self, **knobs):
         self.knobs = knobs
+        self.layer: int | None = None
+
+    def at(self, *, step: int = 0, layer: int = 0, branch: int = 0) -> "Default":
+        bound = Default(**self.knobs)
+        bound.layer = layer
+        return bound
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Prediction:
-        keys, mass = predict(q, k, return_mass=True, **self.knobs)
+        knobs = self.knobs
+        if "threshold_scale" not in knobs and q.device.type in ("cpu", "cuda") and q.dim() == 4 and k.dim() == 4:
+            from ..registry import served_knobs
+
+            served = served_knobs(device=q.device, predictor="default", heads=q.shape[1], seq_q=q.shape[2],
+                                  seq_k=k.shape[2], head_dim=q.shape[3], block_m=knobs.get("block_m", 128),
+                                  block_n=knobs.get("block_n", 1), layer=self.layer)
+            knobs = {**served, **knobs} if served else knobs
+        keys, mass = predict(q, k, return_mass=True, **knobs)
         return Prediction(keys, captured_mass=mass)
