@@ -178,8 +178,8 @@ class Registry:
                 for predictor, c in data.get("predictor_knobs", {}).items():
                     shape = tuple(c["shape"][n] for n in ("heads", "seq_q", "seq_k", "head_dim", "block_m",
                                                           "block_n"))
-                    knobs.append(CalibratedKnobs(predictor, shape, c["knob"], dict(c["fixed"]), dict(c["layers"]),
-                                                 str(path)))
+                    layers = {layer: tuple(values[c["knob"]]) for layer, values in c["layers"].items()}
+                    knobs.append(CalibratedKnobs(predictor, shape, c["knob"], dict(c["fixed"]), layers, str(path)))
             if gpu == INTERPRETER_GPU or not data["entries"]:  # no kernel entries to serve (or none here)
                 continue
             layouts = {(e["best"]["backend"], e["shape"]["dtype"], e["shape"]["head_dim"], e["shape"]["block_m"],
