@@ -334,3 +334,29 @@ def test_capture_files_load_as_samples(tmp_path):
     (tmp_path / "layer005_step000_branch0.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="layer005_step000_branch0.pt is not a capture file"):
         load_samples(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["hunyuan", "wan"])
+def test_capture_saves_chosen_layers_heads_and_steps_and_leaves_the_output_alone(name, tmp_path):
+    pytest.importorskip("diffusers")
+    from test_diffusers import TEXT, VALID_TEXT, forward, make_inputs, make_model
+
+    from fgattn_gen.integrations.capture import capture, load_samples
+
+    model = make_model(name, "cpu", torch.float16)
+    inputs = make_inputs(name, "cpu", torch.float16)
+    want = [forward(model, inputs, t) for t in (900.0, 800.0, 700.0)]
+    with capture(model, tmp_path, layers=[1], heads=[1], max_steps=2):
+        got = [forward(model, inputs, t) for t in (900.0, 800.0, 700.0)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer001_step000_branch0.pt", "layer001_step001_branch0.pt"]
+    samples, heads, total = load_samples(tmp_path)
+    assert heads == (1,) and total == 2 and list(samples) == [1]
+    q, k, v = samples[1][0]
+    seq = 192 + (TEXT if name == "hunyuan" else 0)
+    assert q.shape == (1, 1, seq, 64) and q.dtype == torch.float16
+    assert k.shape[2] == (192 + VALID_TEXT[0] if name == "hunyuan" else seq)  # padded text keys cut
+    with pytest.raises(FileExistsError, match="already holds capture files"):
+        capture(model, tmp_path)
+    with pytest.raises(ValueError, match="layers: the transformer has 2 self-attention layers"):
+        capture(model, tmp_path / "other", layers=[5])
