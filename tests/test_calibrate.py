@@ -41,7 +41,8 @@ def _samples(family, seeds=(0, 1), seq=None):
 @pytest.mark.parametrize("impl", ["kernels", "torch"])
 def test_per_head_threshold_equals_separate_calls(impl):
     (q, k, v), = _samples("mixed-sharpness", seeds=(0,), seq=300)
-    q, k, v = (t.half() for t in (q, k, v))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels: CUDA, or the interpreter
+    q, k, v = (t.half().to(device) for t in (q, k, v))
     values = [0.4 / 300, 1.0 / 300, 2.5 / 300, 6.0 / 300]
     per = pooled_top_p(q, k, threshold=values, impl=impl, pool=32)
     head = lambda t, i: t[:, i:i + 1].contiguous()  # noqa: E731
