@@ -1,7 +1,7 @@
 """Whole attention calls with a predictor, on every DiT-like data family, against dense SDPA (cuDNN): what a user
 gets from ``attention(q, k, v, predictor=...)``, and what choosing the keys costs.
 
-    PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_h200           # GPU
+    PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_h200           # GPU, seeds 0 1 2
     PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_cpu --cpu      # interpreter smoke run
     PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_h200 --plot    # the plot of a result
 
@@ -21,7 +21,8 @@ Per shape (HunyuanVideo 720p: 24 heads, 33x45x80 video + 256 text = 119,056 toke
 ``exact_rel_l2``: the exact mask's error at the row's density (log-log interpolation of its curve);
 ``ratio`` = rel_l2 / exact_rel_l2 (bar: default <= 3). Times: medians of ``triton.testing.do_bench``; rel_l2:
 relative L2 of the output against the SDPA output over all heads. Writes ``bench/results/<name>.json`` and
-``.md``; ``--plot`` draws ``<name>.png`` from the JSON (matplotlib, on any machine).
+``.md`` (the JSON also after every case: ``--resume`` continues a run that was cut short); ``--plot`` draws
+``<name>.png`` from the JSON (matplotlib, on any machine).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ GPU_SHAPES = {
     "hunyuan-32k": SHAPES["hunyuan-32k"],
 }
 CPU_SHAPES = {"narrow-cpu": SHAPES["narrow-cpu"]}
-EXACT_SCALES = (0.5, 1, 2, 4, 8, 16, 32)  # exact mask thresholds c / S
+EXACT_SCALES = (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # exact mask thresholds c / S: down to ~0.02 density
 BLOCK_SCALES = (0.25, 0.5, 1, 2, 4)  # 128 x 128 threshold rule, c / n_kblocks
 DEFAULT_SCALES = (0.5, 1, 2, 4, 8)  # predict(threshold_scale=...)
 
@@ -85,7 +86,7 @@ def bench_family(shape: DitShape, family: str, seed: int, *, cpu: bool, log) -> 
     del data
     seq = q.shape[2]
     text = [shape.text_range] if shape.text_tokens else None
-    measure = timer(cpu, warmup_ms=50, rep_ms=300)
+    measure = timer(cpu, warmup_ms=25, rep_ms=100)
     if cpu:
         ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
         dense_ms = measure(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
@@ -135,6 +136,10 @@ def bench_family(shape: DitShape, family: str, seed: int, *, cpu: bool, log) -> 
     return rows
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def markdown(result: dict) -> str:
     lines = [*header_lines(result),
              "Whole `attention(q, k, v, predictor=...)` calls on DiT-like bf16 data of every family "
@@ -158,6 +163,18 @@ def markdown(result: dict) -> str:
                      f"{r['dense_ms']:.3f} |")
     defaults = [r for r in result["rows"] if r["impl"] == "default"]
     if defaults:
+        lines += ["", "Default predictor per shape and family, over the seeds (mean and worst): every family listed.",
+                  "",
+                  "| shape | family | seeds | density | rel_l2 | ratio mean | ratio worst | share worst |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for shape, family in dict.fromkeys((r["shape"], r["family"]) for r in defaults):
+            group = [r for r in defaults if (r["shape"], r["family"]) == (shape, family)]
+            ratios = [r["ratio"] for r in group if r["ratio"] is not None]
+            missing = len(group) - len(ratios)
+            lines.append(f"| {shape} | {family} | {len(group)} | {_mean([r['density'] for r in group]):.3f} | "
+                         f"{_mean([r['rel_l2'] for r in group]):.4f} | {fmt(_mean(ratios) if ratios else None, '.2f')} | "
+                         f"{fmt(max(ratios, default=None), '.2f')}{f' ({missing} n/a)' if missing and ratios else ''} | "
+                         f"{max(r['predictor_share'] for r in group):.3f} |")
         worst_ratio = max((r["ratio"] for r in defaults if r["ratio"] is not None), default=None)
         worst_share = max(r["predictor_share"] for r in defaults)
         lines += ["", f"Default, worst over every row: ratio {fmt(worst_ratio, '.2f')} (bar 3), predictor share "
@@ -213,7 +230,11 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", action="store_true", help="only draw <name>.png from <name>.json")
     parser.add_argument("--shapes", nargs="+", help=f"default {list(GPU_SHAPES)} (GPU), {list(CPU_SHAPES)} (--cpu)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="data seeds of every (shape, family); default 0 1 2")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of an earlier (cut-short) run of --name and run only the missing "
+                             "(shape, family, seed) cases; the JSON is rewritten after every case")
     args = parser.parse_args(argv)
     if args.plot:
         plot(args.name)
@@ -227,13 +248,19 @@ def main(argv=None) -> int:
         if name not in known:
             parser.error(f"unknown shape {name!r}; known: {sorted(known)}")
     started = time.time()
-    rows = []
+    partial = RESULTS / f"{args.name}.json"
+    rows = json.loads(partial.read_text())["rows"] if args.resume and partial.exists() else []
+    done = {(r["shape"], r["family"], r["seed"]) for r in rows}
     for name in names:
         for family in args.families:
             for seed in args.seeds:
+                if (name, family, seed) in done:
+                    continue
                 rows += bench_family(known[name], family, seed, cpu=args.cpu, log=lambda m: print(m, flush=True))
                 if not args.cpu:
                     torch.cuda.empty_cache()
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps(dict(name=args.name, **run_info(args.cpu), rows=rows), indent=1) + "\n")
     result = dict(name=args.name, **run_info(args.cpu), wall_s=round(time.time() - started, 1), rows=rows)
     write_results(args.name, result, markdown(result))
     return 0

@@ -1,6 +1,7 @@
 """captured_mass: the per-block softmax mass a KeySet keeps, from sampled query rows, against the exact fp32
-mass of every row; ragged blocks, key groups, chunking, and argument errors."""
+mass of every row; ragged blocks, key groups, chunking, the fused kernels with split keys, and argument errors."""
 
+import importlib
 import math
 
 import pytest
@@ -177,7 +178,6 @@ def test_bad_keys(qkk, gen):
 @pytest.mark.parametrize("block_m, block_n", [(16, 1), (32, 3)])
 def test_fused_kernel_matches_torch_ops(gen, monkeypatch, block_m, block_n):
     """The fused one-pass kernel (CUDA, the interpreter) and the torch-ops path give the same estimate."""
-    import importlib
     module = importlib.import_module("fgattn_gen.predictors.captured_mass")
     q, k = randn(gen, 2, 2, 75, 64), randn(gen, 2, 2, 83, 64)
     keys = random_keys(gen, 2, 2, 75, 83, block_m, block_n)
@@ -197,3 +197,21 @@ def test_query_order(gen):
     gathered = q.gather(2, order[..., None].expand(-1, -1, -1, 64))
     torch.testing.assert_close(captured_mass(q, k, ordered, samples=16),
                                per_block(exact_rows(gathered, k, plain), 16), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_m, block_n, samples", [(16, 1, 3), (32, 3, 2), (8, 1, 1)])
+def test_fused_split_keys_match_torch_ops(gen, monkeypatch, block_m, block_n, samples):
+    """The key range split into single 32-key steps over many programs (partials merged per row, rows
+    weighted per block), rows read through a query order: the torch-ops estimate."""
+    from fgattn_gen.predictors import mass_kernel
+    module = importlib.import_module("fgattn_gen.predictors.captured_mass")
+    monkeypatch.setattr(mass_kernel, "LAUNCH", (16, 32, 4, 1))
+    monkeypatch.setattr(mass_kernel, "MIN_SPLIT_STEPS", 1)
+    monkeypatch.setattr(mass_kernel, "PROGRAMS_PER_SM", 64)
+    q, k = randn(gen, 2, 2, 75, 64, scale=2.0), randn(gen, 2, 2, 131, 64)
+    plain = random_keys(gen, 2, 2, 75, 131, block_m, block_n)
+    order = torch.stack([torch.randperm(75, generator=gen) for _ in range(4)]).view(2, 2, 75).to(q.device)
+    keys = KeySet(plain.bits, plain.n_kblocks, block_m, block_n, query_order=order)
+    fused = captured_mass(q, k, keys, samples=samples)
+    monkeypatch.setattr(module, "runs_fused", lambda q: False)
+    torch.testing.assert_close(fused, captured_mass(q, k, keys, samples=samples), atol=2e-5, rtol=1e-4)

@@ -1,13 +1,21 @@
 """The default predictor (``predictors.predict``, ``attention(..., predictor="default")``): clustered query
-blocks, the pooled threshold rule, the captured-mass check; clear errors for bad knobs. Its error against the
+blocks, the pooled threshold rule (split-K passes against the torch rule), the captured-mass check (the fused
+widening against the torch path); clear errors for bad knobs. Its error against the
 exact mask at the same density, on every data family, is measured by ``bench/bench_attention_call.py``."""
+
+import importlib
 
 import pytest
 import torch
 
-from fgattn_gen import attention
+from fgattn_gen import KeySet, attention
 from fgattn_gen.ditdata import dit_qkv
-from fgattn_gen.predictors import captured_mass, cluster_order, predict
+from fgattn_gen.predictors import captured_mass, cluster_order, mass_kernel, predict, threshold_rule
+from fgattn_gen.predictors.captured_mass import fused_mass, sample_rows
+from fgattn_gen.predictors.key_splits import key_splits, sm_count
+
+captured_mass_module = importlib.import_module("fgattn_gen.predictors.captured_mass")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_cluster_order_groups_clusters(gen):
@@ -64,3 +72,60 @@ def test_bad_knobs(gen, kwargs, match):
     q = torch.randn(1, 2, 100, 64, generator=gen).to(torch.bfloat16)
     with pytest.raises(ValueError, match=match):
         predict(q, q, **kwargs)
+
+
+@pytest.mark.parametrize("n_keys, block_k, programs, per_sm, min_steps", [
+    (1, 64, 10, 4, 8), (300, 64, 1, 64, 1), (1000, 32, 3, 8, 4), (119_056, 64, 192, 4, 8), (65, 64, 1, 99, 1)])
+def test_key_splits_cover_the_keys(n_keys, block_k, programs, per_sm, min_steps):
+    """Chunks of whole steps, none empty, covering [0, n_keys); at least min_steps steps each unless the
+    range is shorter; no more programs than asked for (beyond one split)."""
+    splits, per = key_splits(n_keys, block_k, programs, torch.device("cpu"), programs_per_sm=per_sm,
+                             min_steps=min_steps)
+    assert per % block_k == 0 and (splits - 1) * per < n_keys <= splits * per
+    steps = -(-n_keys // block_k)
+    assert splits == 1 or per // block_k >= min(min_steps, steps)
+    assert splits == 1 or programs * (splits - 1) < per_sm * sm_count(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("n_keys, rows_per_block, with_var", [(300, 1, False), (301, 2, True), (97, 4, False)])
+def test_threshold_words_split_keys(gen, monkeypatch, n_keys, rows_per_block, with_var):
+    """The two split-K passes (every key range split into single steps, several row tiles) give the torch
+    rule's words: the per-split partial (max, sum) merge is the row's log-sum-exp."""
+    monkeypatch.setattr(threshold_rule, "MIN_SPLIT_STEPS", 1)
+    monkeypatch.setattr(threshold_rule, "PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(threshold_rule, "LAUNCH", {False: (16, 32, 4, 1), True: (16, 32, 4, 1)})
+    groups = 45
+    n_blocks = -(-groups // rows_per_block)
+    q_mean = torch.randn(2, groups, 64, generator=gen).to(DEVICE)
+    q_var = torch.randn(2, groups, 64, generator=gen).abs().to(DEVICE) if with_var else None
+    k_mean = 3 * torch.randn(2, n_keys, 64, generator=gen).to(DEVICE)
+    for t in (0.5, 3.0):
+        args = (q_mean, k_mean, 1 / 8, min(1.0, t / n_keys))
+        kw = dict(rows_per_block=rows_per_block, n_blocks=n_blocks, dtype=torch.float32, q_var=q_var)
+        got = KeySet(threshold_rule.pooled_threshold_words(*args, impl="kernels", **kw)[None], n_keys, 1).to_mask()
+        want = KeySet(threshold_rule.pooled_threshold_words(*args, impl="torch", **kw)[None], n_keys, 1).to_mask()
+        if DEVICE == "cpu":
+            assert torch.equal(got, want)
+        else:  # other exp and summation order than the torch rule: near-ties may differ
+            assert (got != want).float().mean() <= 2e-3
+
+
+def test_fused_widening_matches_torch(gen, monkeypatch):
+    """The merge kernel's widening (blocks below min_mass get every key, in place) equals captured_mass and a
+    torch.where on the torch path; split keys, a query order, a ragged last key word."""
+    monkeypatch.setattr(mass_kernel, "MIN_SPLIT_STEPS", 1)
+    monkeypatch.setattr(mass_kernel, "PROGRAMS_PER_SM", 64)
+    data = dit_qkv("narrow-cpu", family="mixed-sharpness", seed=2, device=DEVICE)
+    q, k = data.q, data.k
+    keys = predict(q, k, threshold_scale=20.0, min_mass=None)
+    assert keys.n_kblocks % 32 != 0
+    rows, weights = sample_rows(q.shape[2], 128, 2, q.device)
+    bits = keys.bits.clone()
+    widened = KeySet(bits, keys.n_kblocks, 128, 1, query_order=keys.query_order)
+    mass = fused_mass(q, k, widened, rows, weights, scale=q.shape[-1] ** -0.5, min_mass=0.3)
+    monkeypatch.setattr(captured_mass_module, "runs_fused", lambda q: False)
+    torch.testing.assert_close(mass, captured_mass(q, k, keys, samples=2), atol=2e-5, rtol=1e-4)
+    low = mass < 0.3
+    assert low.any() and (~low).any()
+    full = KeySet.full(*q.shape[:3], k.shape[2], block_m=128, device=q.device).bits
+    assert torch.equal(bits, torch.where(low[..., None], full, keys.bits))

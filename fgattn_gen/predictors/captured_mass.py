@@ -11,8 +11,9 @@ sequence), or, with a ``generator``, at a uniformly random position in each stra
 The rows are the same for every batch and head.
 
 Cost: ``B * H * n_query_blocks * samples * Sk * D`` multiply-adds (e.g. 8 rows of each 128-query block:
-1/16 of the q k^T product of dense attention). On CUDA (and in Triton's interpreter) one fused kernel
-(``mass_kernel``) scores the sampled rows in a single pass over the keys, scores never written; elsewhere
+1/16 of the q k^T product of dense attention). On CUDA (and in Triton's interpreter) fused kernels
+(``mass_kernel``: the key range split across programs, then a per-block merge) score the sampled rows, read in
+place through any ``query_order``, in one pass over the keys, scores never written; elsewhere
 torch ops, whose fp32 ``[rows, Sk]`` probabilities of a chunk of heads (or, if one head does not fit, of a
 chunk of its query blocks) stay under ``workspace_budget()``. A KeySet with ``query_order`` is estimated on
 its own blocks (the rows of block i are the queries it orders there). No host synchronisation.
@@ -28,7 +29,7 @@ from ..compaction import workspace_budget
 from ..keyset import KeySet
 from ..query_order import gather_queries
 from . import checks
-from .mass_kernel import row_mass, runs_fused
+from .mass_kernel import block_mass, runs_fused
 
 _GOLDEN = 0.6180339887498949
 # Bytes per (sampled row, key) score that captured_mass keeps alive: scores, probabilities, key-group sums.
@@ -154,13 +155,10 @@ def captured_mass(q: torch.Tensor, k: torch.Tensor, keys: KeySet, *, samples: in
     generator = check_generator(generator, q.device)
     rows, weights = sample_rows(seq_q, keys.block_m, samples, q.device, generator)
     n_qblocks, s = rows.shape
+    if runs_fused(q):
+        return fused_mass(q, k, keys, rows, weights, scale=scale)
     if keys.query_order is not None:
         q = gather_queries(q, keys.query_order)
-    if runs_fused(q):
-        q_rows = q[:, :, rows.flatten()].contiguous()
-        row_block = torch.arange(n_qblocks, dtype=torch.int32, device=q.device).repeat_interleave(s)
-        per_row = row_mass(q_rows, k, keys.bits, row_block, block_n=keys.block_n, scale=scale)
-        return (per_row.unflatten(-1, (n_qblocks, s)) * weights).sum(-1)
     mass = torch.empty(b, h, n_qblocks, dtype=torch.float32, device=q.device)
     for bi, heads, blocks in chunks(b, h, n_qblocks, s, seq_k, d, _MASS_BYTES_PER_SCORE):
         probs = row_probs(q[bi, heads], k[bi, heads], rows[blocks].flatten(), scale)
@@ -169,3 +167,14 @@ def captured_mass(q: torch.Tensor, k: torch.Tensor, keys: KeySet, *, samples: in
         per_row = torch.matmul(sums, mask[..., None].float())[..., 0]  # [n, blocks, s]
         mass[bi, heads, blocks] = (per_row * weights[blocks]).sum(-1)
     return mass
+
+
+def fused_mass(q: torch.Tensor, k: torch.Tensor, keys: KeySet, rows: torch.Tensor, weights: torch.Tensor, *,
+               scale: float, min_mass: float | None = None) -> torch.Tensor:
+    """``captured_mass`` with the fused kernels (``runs_fused(q)``), from ``sample_rows``'s rows and weights;
+    a ``query_order`` is applied to the sampled rows only (q is read in place). With ``min_mass``, the blocks
+    below it are set to every key in ``keys.bits`` (in place; the estimate is the one before)."""
+    if keys.query_order is not None:
+        order = keys.query_order
+        rows = order.gather(2, rows.flatten().expand(*order.shape[:2], -1))
+    return block_mass(q, k, keys.bits, rows, weights, block_n=keys.block_n, scale=scale, min_mass=min_mass)

@@ -3,29 +3,38 @@ it keeps.
 
 1. ``cluster_order``: each head's queries ordered by k-means cluster, so a block of ``block_m`` holds similar
    queries (``KeySet.query_order``; ``attention`` gathers and scatters the rows).
-2. ``pooled_top_p`` with the threshold rule on the ordered queries: the mean query of each block scores every
-   key (one fused pass, scores never written) and keeps the keys whose pooled probability exceeds
-   ``threshold`` (default ``threshold_scale / Sk``). No similarity gate: a clustered block's mean query is
-   representative.
-3. ``captured_mass`` of ``samples`` sampled rows of each block (one fused pass): a block whose estimate is below
-   ``min_mass`` keeps every key, so the call cannot silently lose most of a block's attention.
+2. The threshold rule of ``pooled_top_p`` on the ordered blocks: the mean query of each block
+   (``ordered_block_means``: q read through the order, never gathered) scores every key (fused passes, scores
+   never written) and keeps the keys whose pooled probability exceeds ``threshold`` (default
+   ``threshold_scale / Sk``). No similarity gate: a clustered block's mean query is representative.
+3. ``captured_mass`` of ``samples`` sampled rows of each block (fused; the rows read through the order): a block
+   whose estimate is below ``min_mass`` keeps every key (in the same kernel on the fused path), so the call
+   cannot silently lose most of a block's attention.
 
-Everything runs on q's device without host synchronisation.
+Everything runs on q's device without host synchronisation; on CUDA about 20 kernel launches
+(``bench/predict_stages.py`` times each stage).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from ..keyset import KeySet
 from . import checks
+from .always_keep import always_keep_words
 from .base import Prediction, Predictor
-from .captured_mass import captured_mass
+from .captured_mass import captured_mass, fused_mass, sample_rows
+from .empty_watch import EmptyWatch
+from .mass_kernel import runs_fused
 from .min_mass import check_min_mass
-from .pooled_top_p import pooled_top_p
-from .query_clusters import cluster_order
-from .threshold_rule import head_thresholds
+from .pooling import group_mean
+from .query_clusters import cluster_order, ordered_block_means
+from .threshold_rule import head_thresholds, pooled_threshold_words
 from .words import full_row_words
+
+_EMPTY = EmptyWatch("predict", "threshold_scale")
 
 
 def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: int = 1,
@@ -38,8 +47,8 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
     Args:
         q: ``[B, H, Sq, D]``; k: ``[B, H, Sk, D]``; bf16/fp16 (fp32 on the CPU), D in {64, 128}.
         block_m, block_n: the KeySet layout.
-        threshold_scale: keep keys whose pooled probability exceeds ``threshold_scale / Sk`` (> 0; larger:
-            sparser); or a list (1-D tensor) of H such values, one per head (``calibrate``).
+        threshold_scale: keep keys whose pooled probability exceeds ``threshold_scale / Sk`` (in (0, Sk]; larger:
+            sparser), or a list of H such values (one per head: what ``calibrate`` picks).
         tokens_per_cluster: queries per k-means centroid, or None for raster query blocks (no permutation).
         cluster_steps: Lloyd steps of the clustering.
         min_mass: in (0, 1], or None for no check: blocks whose estimated captured mass is below it keep
@@ -54,25 +63,81 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
         ``tokens_per_cluster`` is None), and with ``return_mass`` the estimate.
     """
     checks.check_tensors(q=q, k=k)
+    block_m = checks.check_positive_int(block_m, "block_m")
+    block_n = checks.check_positive_int(block_n, "block_n")
     threshold = head_thresholds(threshold_scale, q.shape[1], "threshold_scale", upper=k.shape[2]) / k.shape[2]
     if isinstance(threshold, torch.Tensor):
-        threshold = threshold.tolist()
+        threshold = threshold.to(q.device)
     if min_mass is not None:
         min_mass = check_min_mass(min_mass)
     samples = checks.check_positive_int(samples, "samples")
+    b, h, seq_q, d = q.shape
+    seq_k = k.shape[2]
+    keep_keys = checks.check_keep_keys(keep_keys, seq_k)
+    scale = checks.check_scale(scale, d)
+    impl = checks.resolve_impl(None, q.device)
+    n_qblocks, n_kblocks = -(-seq_q // block_m), -(-seq_k // block_n)
     order = None if tokens_per_cluster is None else cluster_order(q, tokens_per_cluster=tokens_per_cluster,
                                                                    steps=cluster_steps)
-    ordered = q if order is None else q.gather(2, order[..., None].expand(-1, -1, -1, q.shape[-1]))
-    keys = pooled_top_p(ordered, k, block_m=block_m, block_n=block_n, threshold=threshold,
-                        sim_threshold=-1.0, pool=block_m, keep_keys=keep_keys, scale=scale)
-    keys = KeySet(keys.bits, keys.n_kblocks, block_m, block_n, query_order=order)
+    if order is None:
+        q_mean = group_mean(q.reshape(b * h, seq_q, d), block_m, impl=impl)
+    else:
+        q_mean = ordered_block_means(q, order, block_m)
+    words = []
+    for bi in range(b):  # k[bi] is a view for any strides of k
+        k_mean = k[bi] if block_n == 1 else group_mean(k[bi], block_n, impl=impl)
+        words.append(pooled_threshold_words(q_mean[bi * h:(bi + 1) * h], k_mean, scale, threshold,
+                                            rows_per_block=1, n_blocks=n_qblocks, impl=impl, dtype=q.dtype))
+    bits = words[0][None] if b == 1 else torch.stack(words)
+    extra = _always_keep(seq_q, seq_k, block_m, block_n, keep_keys, q.device)
+    if extra is not None:
+        bits |= extra
+    keys = KeySet(bits, n_kblocks, block_m, block_n, query_order=order)
     mass = None
-    if min_mass is not None:
+    if min_mass is None:
+        _EMPTY.watch(keys, str(threshold_scale))
+    elif runs_fused(q):  # estimate, and make the blocks below min_mass dense in place, in one pass
+        rows, weights = _fixed_rows(seq_q, block_m, samples, q.device)
+        mass = fused_mass(q, k, keys, rows, weights, scale=scale, min_mass=min_mass)
+    else:
         mass = captured_mass(q, k, keys, samples=samples, scale=scale)
         low = (mass < min_mass)[..., None]
-        full = full_row_words(keys.n_kblocks, keys.device)
-        keys = KeySet(torch.where(low, full, keys.bits), keys.n_kblocks, block_m, block_n, query_order=order)
+        keys = KeySet(torch.where(low, full_row_words(n_kblocks, q.device), bits), n_kblocks, block_m, block_n,
+                      query_order=order)
     return (keys, mass) if return_mass else keys
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _fixed_rows(seq_q: int, block_m: int, samples: int, device: torch.device):
+    """``sample_rows`` without a generator (a pure function of its arguments): made once per shape and device,
+    not on every call (about 15 small kernels), except while a CUDA graph is captured."""
+    if _capturing(device):
+        return sample_rows(seq_q, block_m, samples, device)
+    return _cached_rows(seq_q, block_m, samples, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_rows(seq_q, block_m, samples, device):
+    return sample_rows(seq_q, block_m, samples, device)
+
+
+def _always_keep(seq_q, seq_k, block_m, block_n, keep_keys, device):
+    """``always_keep_words`` for ``keep_keys`` (no local window), cached per shape like ``_fixed_rows``."""
+    if not keep_keys:
+        return None
+    if _capturing(device):
+        return always_keep_words(seq_q=seq_q, seq_k=seq_k, block_m=block_m, block_n=block_n, keep_keys=keep_keys,
+                                 local_window=None, device=device)
+    return _cached_keep(seq_q, seq_k, block_m, block_n, keep_keys, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_keep(seq_q, seq_k, block_m, block_n, keep_keys, device):
+    return always_keep_words(seq_q=seq_q, seq_k=seq_k, block_m=block_m, block_n=block_n, keep_keys=keep_keys,
+                             local_window=None, device=device)
 
 
 class Default(Predictor):
