@@ -4,6 +4,14 @@
     fgattn-tune --model my_model.yaml --gpus 0,1,2,3     # a custom model spec, one worker per GPU
     fgattn-tune --model wan-1.3b --interpret --trials 4  # CPU: the whole pipeline through Triton's interpreter
                                                          # -> tuned-interpret/interpret/wan-1.3b.yaml
+    fgattn-tune --model hunyuan --calibrate --samples captured/ --target-error 0.05
+                                                         # predictor knobs per layer and head, from q/k/v saved by
+                                                         # integrations.capture -> predictor_knobs in the same file
+
+``--calibrate`` (``tune.calibration``) tunes no kernel: it calibrates ``--predictor``'s threshold knob to
+``--target-error`` on ``--samples`` (or DiT-like data at the model's shape; with ``--interpret`` a small shape on
+the CPU, in torch ops) and writes it beside the file's kernel entries (exit 2 for bad samples or an
+unreachable target, naming the layer and head).
 
 Studies are kept in ``<out>/.studies/<gpu-slug>/<model>.journal`` (or ``--storage``): rerunning resumes them,
 also after the process was killed (its unfinished trials run again); a damaged journal is reported with
@@ -82,6 +90,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _error(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a relative error in (0, 1], got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line naming the option (argparse adds the whole usage block)."""
 
@@ -128,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repair", action="store_true",
                         help="a study journal with a truncated or garbage line: copy it to <journal>.bak-<time> "
                              "and cut it before that line, then resume (trials recorded after it run again)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="instead of tuning kernels, calibrate --predictor's threshold knob per layer and head "
+                             "to --target-error and write it into the model's tuned file (predictor_knobs)")
+    parser.add_argument("--samples", type=Path, metavar="DIR",
+                        help="--calibrate on the q/k/v files integrations.capture wrote to DIR (default: DiT-like "
+                             "data at the model's shape)")
+    parser.add_argument("--target-error", type=_error, default=0.05, metavar="X",
+                        help="--calibrate: relative L2 error of each head's output vs dense, in (0, 1] (default 0.05)")
+    parser.add_argument("--predictor", choices=("default", "cached_exact"), default="default",
+                        help="--calibrate: the predictor whose threshold knob is calibrated (default: default)")
+    parser.add_argument("--statistic", choices=("max", "mean"), default="max",
+                        help="--calibrate: a head's error over the samples, worst (max, default) or mean")
     parser.add_argument("--worker", type=_seed, help=argparse.SUPPRESS)
     return parser
 
@@ -184,6 +214,35 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    """``--calibrate``: exit 0 with the file written, 2 (nothing written) for bad settings or samples, or a
+    target no knob value reaches."""
+    import torch
+
+    from rich.console import Console
+
+    from .models import ModelSpecError, load_model
+    from .tune.calibration import calibrate_model
+    from .tune.device import detect_device, search_backends
+    from .tune.space import EmptySpaceError, build_space
+
+    if args.samples is not None and not args.samples.is_dir():
+        return _usage_error(f"--samples {args.samples}: not a directory")
+    if not args.interpret and not torch.cuda.is_available():
+        return _usage_error(NO_CUDA)
+    try:
+        model = load_model(args.model)
+        device = detect_device(args.interpret)
+        space = build_space(search_backends("triton" if args.interpret else args.backend, device), dtype=model.dtype,
+                            head_dim=model.head_dim, block_m=model.block_m, block_n=model.block_n,
+                            smem_limit=device.smem_limit)
+        calibrate_model(model, device, space, out=args.out, samples_dir=args.samples, target_error=args.target_error,
+                        predictor=args.predictor, statistic=args.statistic, console=Console())
+    except (ModelSpecError, EmptySpaceError, ValueError) as exc:
+        return _usage_error(f"--calibrate: {exc}" if not str(exc).startswith("--") else str(exc))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fgattn-tune``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -205,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     for problem in (_output_problem(args.out), _cache_problem()):
         if problem:
             return _usage_error(problem)
+    if args.calibrate:
+        return _calibrate(args)
+    if args.samples is not None:
+        return _usage_error("--samples: only with --calibrate")
     if args.interpret:
         _use_interpreter(argv)
 

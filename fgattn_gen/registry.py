@@ -16,6 +16,17 @@ Lookup order for ``lookup(device=, dtype=, head_dim=, seq_q=, seq_k=, density=, 
 4. ``default_variant``, which exists for every layout.
 Results are cached per argument tuple (thread-safe), so a warm lookup is a dictionary hit.
 
+Calibrated predictor knobs (``predictor_knobs`` of a tuned file, ``fgattn-tune --calibrate``):
+``served_knobs(device=, predictor=, heads=, seq_q=, seq_k=, head_dim=, block_m=, block_n=, layer=)`` returns
+the knobs of the calibration of ``predictor`` with these heads, head dim and KeySet layout whose sequence
+lengths are nearest (log distance, within a factor of two), for ``layer`` (its own values, else ``"*"``), or
+None. A file's knobs are served on the GPU it names (CUDA tensors), and the files of ``--interpret`` runs
+(gpu ``"triton-interpreter"``) serve CPU tensors; they need the same fgattn minor version, but not the
+kernel checks above (Triton version, search space), which concern the kernel entries only. The predictors
+ask for them (``predictors.default.Default``, ``CachedMask``) when the user gave no value for the knob: a
+bare ``attention(q, k, v, predictor="default")`` gets layer ``"*"``; ``integrations.install`` binds each layer's
+index (``Predictor.at(layer=...)``), so every layer gets its own values.
+
 ``registry/`` (in the checkout) holds the rendered source of every variant the shipped tuned files name,
 once per variant key (``registry/<variant-key>.py`` or ``.cu``), so a reader sees exactly the kernel that runs;
 ``python -m fgattn_gen.registry`` regenerates it (``fgattn-tune`` users run it after committing new
@@ -65,6 +76,23 @@ class TunedChoice:
     source: str
 
 
+@dataclass(frozen=True)
+class CalibratedKnobs:
+    """One ``predictor_knobs.<predictor>`` section of a tuned file (``tuned.py``) served by the registry."""
+
+    predictor: str
+    shape: tuple  # (heads, seq_q, seq_k, head_dim, block_m, block_n)
+    knob: str
+    fixed: dict
+    layers: dict  # layer index or "*" -> per-head values
+    source: str
+
+    def knobs(self, layer: int | None) -> dict:
+        """``{**fixed, knob: [per-head values]}`` of ``layer`` (``"*"`` for layers not calibrated)."""
+        values = self.layers.get(layer, self.layers["*"])
+        return {**self.fixed, self.knob: list(values)}
+
+
 def _minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
@@ -95,6 +123,7 @@ class Registry:
         self.dirs = dirs
         self._lock = threading.Lock()
         self._choices: dict[str, list[TunedChoice]] = {}
+        self._knobs: dict[str, list[CalibratedKnobs]] = {}
         self._warned: set[str] = set()
 
     def _files(self, gpu: str) -> list[Path]:
@@ -128,16 +157,30 @@ class Registry:
         """Every servable tuned choice for GPU name ``gpu`` (loaded once)."""
         with self._lock:
             if gpu not in self._choices:
-                self._choices[gpu] = self._load(gpu)
+                self._choices[gpu], self._knobs[gpu] = self._load(gpu)
             return self._choices[gpu]
 
-    def _load(self, gpu: str) -> list[TunedChoice]:
-        out = []
+    def calibrations(self, gpu: str) -> list[CalibratedKnobs]:
+        """Every servable calibration for GPU name ``gpu`` (``INTERPRETER_GPU``: CPU tensors), loaded once."""
+        self.choices(gpu)
+        return self._knobs[gpu]
+
+    def _load(self, gpu: str) -> tuple[list[TunedChoice], list[CalibratedKnobs]]:
+        out, knobs = [], []
         for path in self._files(gpu):
             try:
                 data = load_tuned(path)
             except (OSError, ValueError) as exc:
                 self._warn_once(path, f"not a valid tuned file ({exc})")
+                continue
+            meta = data["metadata"]
+            if meta["gpu"] == gpu and _minor(meta["fgattn"]) == _minor(__version__):
+                for predictor, c in data.get("predictor_knobs", {}).items():
+                    shape = tuple(c["shape"][n] for n in ("heads", "seq_q", "seq_k", "head_dim", "block_m",
+                                                          "block_n"))
+                    layers = {layer: tuple(values[c["knob"]]) for layer, values in c["layers"].items()}
+                    knobs.append(CalibratedKnobs(predictor, shape, c["knob"], dict(c["fixed"]), layers, str(path)))
+            if gpu == INTERPRETER_GPU or not data["entries"]:  # no kernel entries to serve (or none here)
                 continue
             layouts = {(e["best"]["backend"], e["shape"]["dtype"], e["shape"]["head_dim"], e["shape"]["block_m"],
                         e["shape"]["block_n"]) for e in data["entries"]}
@@ -149,7 +192,21 @@ class Registry:
                 s = e["shape"]
                 out.append(TunedChoice(s["dtype"], s["head_dim"], s["block_m"], s["block_n"], s["seq_q"], s["seq_k"],
                                        float(e["density"]), Variant(**e["best"]["params"]), str(path)))
-        return out
+        return out, knobs
+
+    def calibration(self, *, gpu: str, predictor: str, heads: int, seq_q: int, seq_k: int, head_dim: int,
+                    block_m: int, block_n: int) -> CalibratedKnobs | None:
+        """The calibration of ``predictor`` for this shape and layout (module docstring), or None."""
+        found = [c for c in self.calibrations(gpu) if c.predictor == predictor
+                 and (c.shape[0], c.shape[3], c.shape[4], c.shape[5]) == (heads, head_dim, block_m, block_n)]
+        if not found:
+            return None
+
+        def distance(c: CalibratedKnobs) -> float:
+            return abs(math.log(c.shape[1] / seq_q)) + abs(math.log(c.shape[2] / seq_k))
+
+        nearest = min(found, key=distance)
+        return nearest if distance(nearest) <= math.log(2.0) else None
 
     def lookup(self, *, gpu: str, dtype: str, head_dim: int, seq_q: int, seq_k: int, density: float | None,
                block_m: int, block_n: int, smem_limit: int = HOPPER_SMEM, backend: str | None = None) -> Variant:
@@ -174,6 +231,9 @@ class Registry:
         if distance(nearest)[0] <= math.log(2.0):  # within a factor of two in sequence length
             return nearest.variant
         return Counter(c.variant for c in layout).most_common(1)[0][0]
+
+
+INTERPRETER_GPU = "triton-interpreter"  # metadata.gpu of --interpret runs: their knobs serve CPU tensors
 
 
 def search_dirs() -> list[Path]:
@@ -201,6 +261,7 @@ def reload() -> None:
     with _REGISTRY_LOCK:
         _REGISTRY = None
     _cached_lookup.cache_clear()
+    _cached_knobs.cache_clear()
     _device_info.cache_clear()
     _cuda_gpu.cache_clear()
     _gpu_of.cache_clear()
@@ -291,6 +352,33 @@ def served(device: torch.device | str, dtype: torch.dtype, head_dim: int, seq_q:
     checked (a warm call is a dictionary hit)."""
     gpu, smem = _gpu_of(device)
     return _cached_lookup(gpu, dtype_name(dtype), head_dim, seq_q, seq_k, density, block_m, block_n, smem, backend)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_knobs(gpu: str, predictor: str, heads: int, seq_q: int, seq_k: int, head_dim: int, block_m: int,
+                  block_n: int, layer) -> dict | None:
+    found = default_registry().calibration(gpu=gpu, predictor=predictor, heads=heads, seq_q=seq_q, seq_k=seq_k,
+                                           head_dim=head_dim, block_m=block_m, block_n=block_n)
+    return None if found is None else found.knobs(layer)
+
+
+def served_knobs(*, device: torch.device | str, predictor: str, heads: int, seq_q: int, seq_k: int, head_dim: int,
+                 block_m: int, block_n: int, layer: int | None = None) -> dict | None:
+    """Calibrated knobs of ``predictor`` for an attention call (module docstring), or None.
+
+    Args:
+        device: the inputs' device (CUDA: this GPU's tuned files; CPU: those of ``--interpret`` runs), or a
+            GPU name. predictor: a predictor name (``tuned.CALIBRATED_KNOBS``).
+        heads, seq_q, seq_k, head_dim: q ``[B, heads, seq_q, head_dim]``, k ``[B, heads, seq_k, head_dim]``.
+        block_m, block_n: the predictor's KeySet layout. layer: the layer index, None for ``"*"``.
+    Returns:
+        ``{knob: [heads values], **fixed knobs}`` (a shared dict: do not modify), or None. A warm call is a
+        dictionary hit (no host sync).
+    """
+    cpu = isinstance(device, torch.device) and device.type == "cpu"
+    gpu = INTERPRETER_GPU if cpu else _gpu_of(device)[0]
+    return _cached_knobs(gpu, predictor, heads, seq_q, seq_k, head_dim, block_m, block_n,
+                         "*" if layer is None else layer)
 
 
 def shipped_variants() -> dict[str, set[Variant]]:

@@ -27,6 +27,24 @@ Schema (version 1)::
         n_trials: int                    # finished trials (complete + pruned)
         n_pruned: int
 
+    predictor_knobs:                     # optional (``fgattn-tune --calibrate``): calibrated predictor knobs
+      <predictor>:                       # a key of CALIBRATED_KNOBS: default, cached_exact
+        knob: str                        # CALIBRATED_KNOBS[predictor]: threshold_scale or threshold
+        target_error: float              # in (0, 1]: rel-L2 error of each head's output vs dense attention
+        statistic: max | mean            # of a head's error over the samples (and their batch)
+        shape: {heads, seq_q, seq_k, head_dim, block_m, block_n: int}   # of the samples, and the layout
+        samples: int                     # (q, k, v) samples per layer
+        fixed: {knob: value}             # the predictor's other knobs during calibration (served with it)
+        measured_heads: [int]            # optional: the heads the samples held (others got the densest value)
+        layers:
+          "*": {<knob>: [heads numbers]}         # layers not listed: per head the smallest (densest) value
+          <layer index>: {<knob>: [heads numbers], error: [n numbers], density: [n numbers]}
+                                         # n = heads, or len(measured_heads)
+
+A knob value is in (0, seq_k] for threshold_scale and in (0, 1] for threshold; ``error`` and ``density`` (the
+achieved statistic and the mean key density on the samples, per head) are >= 0 and <= 1 for density. Kernel
+tuning keeps a file's ``predictor_knobs``, calibration keeps its ``entries``.
+
 ``load_tuned`` checks all of it, including that each result's ``params`` build a Variant whose key is
 ``key`` and every number's range; ``write_tuned`` checks before it writes and replaces the file atomically
 (fsync'd, with the umask's mode).
@@ -64,6 +82,11 @@ _RESULT = {"key": _STR, "backend": _STR, "params": dict, "ms": _NUM, "ms_p20": _
 _ENTRY = {"label": _STR, "shape": _SHAPE, "measured": _MEASURED, "density": _NUM, "best": _RESULT,
           "runners_up": list, "n_trials": _INT, "n_pruned": _INT}
 _ENTRY_OPTIONAL = {"baselines": dict}
+CALIBRATED_KNOBS = {"default": "threshold_scale", "cached_exact": "threshold"}
+ERROR_STATISTICS = ("max", "mean")
+_KNOB_SHAPE = {"heads": _INT, "seq_q": _INT, "seq_k": _INT, "head_dim": _INT, "block_m": _INT, "block_n": _INT}
+_CALIBRATION = {"knob": _STR, "target_error": _NUM, "statistic": _STR, "shape": _KNOB_SHAPE, "samples": _INT,
+                "fixed": dict, "layers": dict}
 
 
 def _type_ok(value, kind) -> bool:
@@ -132,6 +155,61 @@ def _check_entry(entry, where: str) -> None:
             raise ValueError(f"{where}.baselines: expected name: ms pairs, got {name!r}: {ms!r}")
 
 
+def knob_upper(knob: str, seq_k: int) -> float:
+    """The largest value of a calibrated knob: ``seq_k`` for threshold_scale, 1 for a threshold."""
+    return float(seq_k) if knob == "threshold_scale" else 1.0
+
+
+def _check_numbers(values, heads: int, ok, expected: str, where: str) -> None:
+    if not isinstance(values, list) or len(values) != heads or not all(_type_ok(x, _NUM) and ok(x) for x in values):
+        raise ValueError(f"{where}: expected a list of {heads} numbers {expected}, got {values!r}")
+
+
+def _check_calibration(section, predictor, where: str) -> None:
+    if predictor not in CALIBRATED_KNOBS:
+        raise ValueError(f"{where}: expected predictor names from {tuple(CALIBRATED_KNOBS)}, got {predictor!r}")
+    where = f"{where}.{predictor}"
+    _check_mapping(section, _CALIBRATION, where)
+    knob, shape = section["knob"], section["shape"]
+    _check_range(knob, knob == CALIBRATED_KNOBS[predictor], f"{where}.knob", repr(CALIBRATED_KNOBS[predictor]))
+    _check_range(section["target_error"], 0 < section["target_error"] <= 1, f"{where}.target_error",
+                 "an error in (0, 1]")
+    _check_range(section["statistic"], section["statistic"] in ERROR_STATISTICS, f"{where}.statistic",
+                 f"one of {ERROR_STATISTICS}")
+    _check_range(section["samples"], section["samples"] >= 1, f"{where}.samples", "an int >= 1")
+    for name, value in shape.items():
+        _check_range(value, value >= 1, f"{where}.shape.{name}", "an int >= 1")
+    bad = [name for name in section["fixed"] if not isinstance(name, str) or name == knob]
+    if bad:
+        raise ValueError(f"{where}.fixed: expected the other knobs of {predictor} by name, got {bad[0]!r}")
+    extra = set(section) - set(_CALIBRATION) - {"measured_heads"}
+    if extra:
+        raise ValueError(f"{where}: unknown key(s) {sorted(map(str, extra))}")
+    measured = section.get("measured_heads")
+    if measured is not None and (not isinstance(measured, list) or not measured or len(set(measured)) != len(measured)
+                                 or not all(_type_ok(h, _INT) and 0 <= h < shape["heads"] for h in measured)):
+        raise ValueError(f"{where}.measured_heads: expected distinct head indices in [0, {shape['heads']}), got "
+                         f"{measured!r}")
+    layers = section["layers"]
+    if "*" not in layers:
+        raise ValueError(f"{where}.layers: missing key '*' (the knobs of layers not listed)")
+    heads, upper = shape["heads"], knob_upper(knob, shape["seq_k"])
+    for layer, values in layers.items():
+        at = f"{where}.layers[{layer!r}]"
+        if layer != "*" and not (_type_ok(layer, _INT) and layer >= 0):
+            raise ValueError(f"{where}.layers: expected '*' or layer indices >= 0 as keys, got {layer!r}")
+        spec = {knob: list} if layer == "*" else {knob: list, "error": list, "density": list}
+        _check_mapping(values, spec, at)
+        extra = set(values) - set(spec)
+        if extra:
+            raise ValueError(f"{at}: unknown key(s) {sorted(map(str, extra))}; expected {sorted(spec)}")
+        _check_numbers(values[knob], heads, lambda x: 0 < x <= upper, f"in (0, {upper:g}]", f"{at}.{knob}")
+        if layer != "*":
+            n = heads if measured is None else len(measured)
+            _check_numbers(values["error"], n, lambda x: 0 <= x < float("inf"), ">= 0", f"{at}.error")
+            _check_numbers(values["density"], n, lambda x: 0 <= x <= 1, "in [0, 1]", f"{at}.density")
+
+
 def validate_tuned(data, source: str = "tuned data") -> dict:
     """Check a parsed tuned document against schema 1; returns it, or raises ValueError naming the key."""
     if not isinstance(data, dict):
@@ -146,6 +224,15 @@ def validate_tuned(data, source: str = "tuned data") -> dict:
                          f"got {backends!r}")
     for i, entry in enumerate(data["entries"]):
         _check_entry(entry, f"{source}: entries[{i}]")
+    if "predictor_knobs" in data:
+        knobs = data["predictor_knobs"]
+        if not isinstance(knobs, dict):
+            raise ValueError(f"{source}: predictor_knobs: expected a mapping, got {type(knobs).__name__}")
+        for predictor, section in knobs.items():
+            _check_calibration(section, predictor, f"{source}: predictor_knobs")
+    unknown = set(data) - {"schema", "metadata", "entries", "predictor_knobs"}
+    if unknown:
+        raise ValueError(f"{source}: unknown top-level key(s) {sorted(map(str, unknown))}")
     return data
 
 

@@ -10,7 +10,8 @@ Predictors (the keys each block of ``block_m`` queries attends to), with their k
 - ``"dense"``: every key (``KeySet.full``); checks the integration against SDPA. No knobs.
 - ``"default"``: ``predictors.predict`` at every call (clustered query blocks, pooled threshold rule,
   captured-mass check). Knobs: ``threshold_scale``, ``tokens_per_cluster``, ``cluster_steps``, ``min_mass``,
-  ``samples``.
+  ``samples``. Without ``threshold_scale`` each layer takes its calibrated values when the registry serves
+  some for this shape (``fgattn-tune --calibrate``; ``cached_exact``'s ``threshold`` likewise).
 - ``"pooled_top_p"``: ``predictors.pooled_top_p`` at every call. Knobs: ``top_p`` or ``threshold``,
   ``sim_threshold``, ``pool``, ``local_window``, ``search_iters``, ``query_variance``, ``impl``.
 - ``"cached_exact"``: ``predictors.CachedMask``: at a refresh step a layer runs a dense pass that also gives

@@ -278,7 +278,7 @@ class CachedMask(Predictor):
             return Prediction(KeySet.full(b, h, seq_q, k.shape[2], block_m=self.mask_options["block_m"],
                                           block_n=self.mask_options["block_n"], device=q.device), out)
         if action == "refresh":
-            out, keys = exact_mask(q, k, v, **self.mask_options)
+            out, keys = exact_mask(q, k, v, **self._served(q, k, layer))
             stored = _copy_to(keys, torch.device("cpu")) if self.offload_masks else keys
             fresh = None
             if isinstance(self.policy, AdaptiveRefresh):
@@ -293,6 +293,19 @@ class CachedMask(Predictor):
     def history(self, layer: int, branch: int = 0) -> list[tuple[int, str]]:
         """``(step, action)`` of every call of the slot in this generation, action in ``ACTIONS``."""
         return list(self._history.get(self._slot(layer, branch), ()))
+
+    def _served(self, q: torch.Tensor, k: torch.Tensor, layer: int) -> dict:
+        """``mask_options``, with the calibrated per-head ``threshold`` of ``layer`` the registry serves for
+        this shape (``registry.served_knobs``) when neither ``threshold`` nor ``top_p`` was given."""
+        options = self.mask_options
+        if options["threshold"] is not None or options["top_p"] is not None or q.device.type not in ("cpu", "cuda"):
+            return options
+        from ..registry import served_knobs
+
+        served = served_knobs(device=q.device, predictor="cached_exact", heads=q.shape[1], seq_q=q.shape[2],
+                              seq_k=k.shape[2], head_dim=q.shape[3], block_m=options["block_m"],
+                              block_n=options["block_n"], layer=layer)
+        return options if served is None else {**options, "threshold": served["threshold"]}
 
     def keys(self, layer: int, branch: int = 0) -> KeySet | None:
         """The cached KeySet of a layer (and branch), wherever it lives, or None."""

@@ -31,14 +31,14 @@ from .mass_kernel import runs_fused
 from .min_mass import check_min_mass
 from .pooling import group_mean
 from .query_clusters import cluster_order, ordered_block_means
-from .threshold_rule import pooled_threshold_words
+from .threshold_rule import head_thresholds, pooled_threshold_words
 from .words import full_row_words
 
 _EMPTY = EmptyWatch("predict", "threshold_scale")
 
 
 def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: int = 1,
-            threshold_scale: float = 1.5, tokens_per_cluster: int | None = 256, cluster_steps: int = 4,
+            threshold_scale: float | list[float] = 1.5, tokens_per_cluster: int | None = 256, cluster_steps: int = 4,
             min_mass: float | None = 0.3, samples: int = 2,
             keep_keys: tuple[int, int] | list[tuple[int, int]] | None = None, scale: float | None = None,
             return_mass: bool = False) -> KeySet | tuple[KeySet, torch.Tensor | None]:
@@ -47,8 +47,8 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
     Args:
         q: ``[B, H, Sq, D]``; k: ``[B, H, Sk, D]``; bf16/fp16 (fp32 on the CPU), D in {64, 128}.
         block_m, block_n: the KeySet layout.
-        threshold_scale: keep keys whose pooled probability exceeds ``threshold_scale / Sk`` (> 0; larger:
-            sparser).
+        threshold_scale: keep keys whose pooled probability exceeds ``threshold_scale / Sk`` (in (0, Sk]; larger:
+            sparser), or a list of H such values (one per head: what ``calibrate`` picks).
         tokens_per_cluster: queries per k-means centroid, or None for raster query blocks (no permutation).
         cluster_steps: Lloyd steps of the clustering.
         min_mass: in (0, 1], or None for no check: blocks whose estimated captured mass is below it keep
@@ -65,9 +65,9 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
     checks.check_tensors(q=q, k=k)
     block_m = checks.check_positive_int(block_m, "block_m")
     block_n = checks.check_positive_int(block_n, "block_n")
-    if isinstance(threshold_scale, bool) or not isinstance(threshold_scale, (int, float)) \
-            or not 0 < threshold_scale <= k.shape[2]:
-        raise ValueError(f"threshold_scale: expected a number in (0, Sk = {k.shape[2]}], got {threshold_scale!r}")
+    threshold = head_thresholds(threshold_scale, q.shape[1], "threshold_scale", upper=k.shape[2]) / k.shape[2]
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.to(q.device)
     if min_mass is not None:
         min_mass = check_min_mass(min_mass)
     samples = checks.check_positive_int(samples, "samples")
@@ -86,7 +86,7 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
     words = []
     for bi in range(b):  # k[bi] is a view for any strides of k
         k_mean = k[bi] if block_n == 1 else group_mean(k[bi], block_n, impl=impl)
-        words.append(pooled_threshold_words(q_mean[bi * h:(bi + 1) * h], k_mean, scale, threshold_scale / seq_k,
+        words.append(pooled_threshold_words(q_mean[bi * h:(bi + 1) * h], k_mean, scale, threshold,
                                             rows_per_block=1, n_blocks=n_qblocks, impl=impl, dtype=q.dtype))
     bits = words[0][None] if b == 1 else torch.stack(words)
     extra = _always_keep(seq_q, seq_k, block_m, block_n, keep_keys, q.device)
@@ -95,7 +95,7 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
     keys = KeySet(bits, n_kblocks, block_m, block_n, query_order=order)
     mass = None
     if min_mass is None:
-        _EMPTY.watch(keys, f"{threshold_scale:g}")
+        _EMPTY.watch(keys, str(threshold_scale))
     elif runs_fused(q):  # estimate, and make the blocks below min_mass dense in place, in one pass
         rows, weights = _fixed_rows(seq_q, block_m, samples, q.device)
         mass = fused_mass(q, k, keys, rows, weights, scale=scale, min_mass=min_mass)
@@ -142,11 +142,27 @@ def _cached_keep(seq_q, seq_k, block_m, block_n, keep_keys, device):
 
 class Default(Predictor):
     """``predict`` as a ``Predictor`` (``attention(q, k, v, predictor="default")``): the KeySet and the
-    captured-mass estimate of each call."""
+    captured-mass estimate of each call. Without an explicit ``threshold_scale`` it takes the calibrated
+    knobs the registry serves for this shape (``registry.served_knobs``; of the layer bound by ``at(layer=)``,
+    else ``"*"``), under the knobs given here; with none served, ``predict``'s defaults."""
 
     def __init__(self, **knobs):
         self.knobs = knobs
+        self.layer: int | None = None
+
+    def at(self, *, step: int = 0, layer: int = 0, branch: int = 0) -> "Default":
+        bound = Default(**self.knobs)
+        bound.layer = layer
+        return bound
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Prediction:
-        keys, mass = predict(q, k, return_mass=True, **self.knobs)
+        knobs = self.knobs
+        if "threshold_scale" not in knobs and q.device.type in ("cpu", "cuda") and q.dim() == 4 and k.dim() == 4:
+            from ..registry import served_knobs
+
+            served = served_knobs(device=q.device, predictor="default", heads=q.shape[1], seq_q=q.shape[2],
+                                  seq_k=k.shape[2], head_dim=q.shape[3], block_m=knobs.get("block_m", 128),
+                                  block_n=knobs.get("block_n", 1), layer=self.layer)
+            knobs = {**served, **knobs} if served else knobs
+        keys, mass = predict(q, k, return_mass=True, **knobs)
         return Prediction(keys, captured_mass=mass)

@@ -26,6 +26,7 @@ from . import checks
 from .always_keep import always_keep_words
 from .block_stats import PRECISIONS, block_stat
 from .dense import dense_attention_with_lse
+from .threshold_rule import head_thresholds
 from .top_p_search import keeps_every_key, top_p_words
 from .words import full_bits, pack_mask
 
@@ -69,7 +70,7 @@ def _heads_per_chunk(heads: int, seq_q: int, seq_k: int, d: int, block_m: int, i
 
 
 def exact_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int = 128, block_n: int = 1,
-               threshold: float | None = None, top_p: float | None = None,
+               threshold: float | list[float] | None = None, top_p: float | None = None,
                keep_keys: tuple[int, int] | list[tuple[int, int]] | None = None, local_window: int | None = None,
                scale: float | None = None, score_precision: str = "auto", search_iters: int = 14,
                impl: str | None = None, dense_backend: str | None = None) -> tuple[torch.Tensor, KeySet]:
@@ -80,7 +81,8 @@ def exact_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: in
             D in {64, 128}.
         block_m, block_n: KeySet query block and key group.
         threshold: keep a key whose probability exceeds this for some query of the block; in (0, 1].
-            Default ``0.5 / Sk`` when ``top_p`` is None.
+            Default ``0.5 / Sk`` when ``top_p`` is None. Or a list (1-D tensor) of H such values, one per head
+            (``calibrate``).
         top_p: instead keep the smallest set of keys holding this mass of the block's attention; in (0, 1].
         keep_keys, local_window: always-kept keys, as in ``pooled_top_p``.
         scale: softmax scale, default ``D ** -0.5``.
@@ -105,7 +107,7 @@ def exact_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: in
     if top_p is not None:
         top_p = checks.check_top_p(top_p)
     else:
-        threshold = checks.check_threshold(0.5 / seq_k if threshold is None else threshold)
+        threshold = head_thresholds(0.5 / seq_k if threshold is None else threshold, h)
     keep_keys = checks.check_keep_keys(keep_keys, seq_k)
     local_window = checks.check_local_window(local_window)
     scale = checks.check_scale(scale, d)
@@ -128,11 +130,16 @@ def exact_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: in
                 mass = _group_keys(block_stat(*args, mode="mean", **opts), block_n, "sum")
                 words = top_p_words(mass, top_p, rows_per_block=1, n_blocks=n_qblocks, iters=search_iters,
                                     impl=impl)
+            elif block_n == 1 and isinstance(threshold, torch.Tensor):  # one threshold per head: a launch each
+                words = torch.cat([block_stat(q[bi, i:i + 1], k[bi, i:i + 1], lse[bi, i:i + 1], mode="words",
+                                              threshold=float(threshold[i]), **opts) for i in range(*heads.indices(h))])
             elif block_n == 1:
                 words = block_stat(*args, mode="words", threshold=threshold, **opts)
             else:
                 best = _group_keys(block_stat(*args, mode="max", **opts), block_n, "max")
-                words = pack_mask(best > math.log(threshold))
+                log_t = threshold[heads].to(best.device).log()[:, None, None] if isinstance(threshold, torch.Tensor) \
+                    else math.log(threshold)
+                words = pack_mask(best > log_t)
             bits[bi, heads] = words
     extra = always_keep_words(seq_q=seq_q, seq_k=seq_k, block_m=block_m, block_n=block_n, keep_keys=keep_keys,
                               local_window=local_window, device=q.device)

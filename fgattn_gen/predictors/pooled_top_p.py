@@ -28,7 +28,7 @@ from . import checks
 from .always_keep import always_keep_words
 from .empty_watch import EmptyWatch
 from .pooling import group_mean, group_mean_and_similarity, group_mean_similarity_variance, pooled_scores
-from .threshold_rule import pooled_threshold_words, runs_fused
+from .threshold_rule import head_thresholds, pooled_threshold_words, runs_fused
 from .top_p_search import keeps_every_key, top_p_words
 from .words import full_bits
 
@@ -56,7 +56,7 @@ def _score_bytes(threshold_rule: bool, query_variance: bool, impl: str, rows_per
 
 
 def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: int = 1,
-                 top_p: float | None = None, threshold: float | None = None,
+                 top_p: float | None = None, threshold: float | list[float] | None = None,
                  sim_threshold: float = 0.6, pool: int | None = None,
                  keep_keys: tuple[int, int] | list[tuple[int, int]] | None = None,
                  local_window: int | None = None, scale: float | None = None, search_iters: int = 14,
@@ -70,7 +70,7 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
         top_p: probability mass to keep per pooled query group, in (0, 1]; 1 keeps every key. Default 0.9
             when ``threshold`` is None.
         threshold: instead keep the key groups whose pooled probability exceeds this, in (0, 1] (e.g. a few
-            times the uniform ``1 / ceil(Sk / block_n)``).
+            times the uniform ``1 / ceil(Sk / block_n)``); or a list (1-D tensor) of H such values, one per head.
         sim_threshold: in [-1, 1]; a group whose mean cosine similarity to q̄ is below it keeps every key
             (-1 turns the gate off).
         pool: queries per pooled group, a divisor of ``block_m`` (default ``block_m``).
@@ -93,7 +93,9 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
         raise ValueError("threshold, top_p: give one of them (a cut on each pooled probability, or the top_p "
                          "mass of each pooled group), not both")
     if threshold is not None:
-        threshold = checks.check_threshold(threshold)
+        threshold = head_thresholds(threshold, q.shape[1])
+        if isinstance(threshold, torch.Tensor):
+            threshold = threshold.to(q.device, non_blocking=True)
     else:
         top_p = checks.check_top_p(0.9 if top_p is None else top_p)
     sim_threshold = checks.check_sim_threshold(sim_threshold)
@@ -129,7 +131,8 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
                                                  (0, n_qblocks * groups_per_block - similarity.shape[-1]))
             gate = dissimilar.view(-1, n_qblocks, groups_per_block).any(-1)
             if threshold is not None:
-                bits[bi, heads] = pooled_threshold_words(q_mean, k_mean, scale, threshold,
+                head_threshold = threshold[heads] if isinstance(threshold, torch.Tensor) else threshold
+                bits[bi, heads] = pooled_threshold_words(q_mean, k_mean, scale, head_threshold,
                                                          rows_per_block=groups_per_block, n_blocks=n_qblocks,
                                                          impl=impl, dtype=q.dtype, q_var=q_var,
                                                          keep_all=gate)
@@ -143,5 +146,5 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
         bits |= extra
     keys = KeySet(bits, n_kblocks, block_m, block_n)
     if threshold is not None:
-        _EMPTY.watch(keys, f"{threshold:g}")
+        _EMPTY.watch(keys, "(per head)" if isinstance(threshold, torch.Tensor) else f"{threshold:g}")
     return keys

@@ -3,7 +3,8 @@
 Pooled row g scores key group j with ``s_gj = scale * q̄_g . k̄_j`` (plus, with a variance, the log-normal
 term ``scale^2 / 2 * var_g . k̄_j^2``); key group j is kept for row g when ``softmax(s_g)_j > threshold``,
 i.e. ``s_gj > lse_g + log(threshold)``; a kernel query block keeps the union of its rows' keys. No search:
-the threshold is the same for every row, block and head, so the density follows the scores.
+the threshold is the same for every row and block (and head, unless one is given per head: a tensor, see
+``head_thresholds``), so the density follows the scores.
 
 GPU / interpreter: two fused Triton passes over the keys, scores never written to memory. The key range is
 split (``key_splits``) so that the grid fills the GPU: program (row tile of ``BLOCK_G`` pooled rows, key split,
@@ -108,10 +109,12 @@ def _threshold_lse_kernel(QM, QV, K, PART_M, PART_Z, stride_qn, stride_qg, strid
 @triton.jit
 def _threshold_words_kernel(QM, QV, K, PART_M, PART_Z, WORDS, stride_qn, stride_qg, stride_kn, stride_ks, n_groups,
                             n_keys, split_keys, n_splits, n_words, n_blocks, scale, half_scale2, log_threshold,
-                            HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                            ROWS_PER_BLOCK: tl.constexpr, WITH_VAR: tl.constexpr, DOT_FP32: tl.constexpr):
+                            LOG_T, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                            ROWS_PER_BLOCK: tl.constexpr, WITH_VAR: tl.constexpr, DOT_FP32: tl.constexpr,
+                            PER_HEAD: tl.constexpr):
     """Pass 2. Merges the rows' partials into lse, then writes WORDS int32 [n, n_blocks, n_words] of the split's
-    keys. Program (row tile, split, n)."""
+    keys; LOG_T fp32 [n] is read instead of the scalar ``log_threshold`` when PER_HEAD. Program (row tile,
+    split, n)."""
     split = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
     offs_g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -128,6 +131,8 @@ def _threshold_words_kernel(QM, QV, K, PART_M, PART_Z, WORDS, stride_qn, stride_
     for j in range(0, n_splits):
         part = (n * n_splits + j) * row_stride + offs_g
         z += tl.load(PART_Z + part) * tl.exp(tl.load(PART_M + part) - m)
+    if PER_HEAD:
+        log_threshold = tl.load(LOG_T + n)
     cut = m + tl.log(z) + log_threshold
     lane = tl.arange(0, 32)
     offs_b = tl.program_id(0) * (BLOCK_G // ROWS_PER_BLOCK) + tl.arange(0, BLOCK_G // ROWS_PER_BLOCK)
@@ -165,16 +170,20 @@ def _words_triton(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blo
     strides = (q_mean.stride(0), q_mean.stride(1), k_mean.stride(0), k_mean.stride(1))
     _threshold_lse_kernel[grid](q_mean, q_var, k_mean, part_m, part_z, *strides, groups, n_keys, split_keys, scale,
                                 0.5 * scale * scale, **common)
+    per_head = isinstance(threshold, torch.Tensor)
+    log_t = threshold.log().contiguous() if per_head else part_m  # (unread without PER_HEAD)
     _threshold_words_kernel[grid](q_mean, q_var, k_mean, part_m, part_z, words, *strides, groups, n_keys, split_keys,
-                                  splits, n_words, n_blocks, scale, 0.5 * scale * scale, math.log(threshold),
-                                  ROWS_PER_BLOCK=rows_per_block, **common)
+                                  splits, n_words, n_blocks, scale, 0.5 * scale * scale,
+                                  0.0 if per_head else math.log(threshold), log_t, ROWS_PER_BLOCK=rows_per_block,
+                                  PER_HEAD=per_head, **common)
     return words
 
 
 def _words_torch(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blocks, dtype):
     scores = pooled_scores(q_mean, k_mean, scale, dtype, q_var=q_var)
     n, groups, n_keys = scores.shape
-    keep = scores > (scores.logsumexp(-1, keepdim=True) + math.log(threshold))
+    log_t = threshold.log()[:, None, None] if isinstance(threshold, torch.Tensor) else math.log(threshold)
+    keep = scores > (scores.logsumexp(-1, keepdim=True) + log_t)
     keep = torch.nn.functional.pad(keep, (0, 0, 0, n_blocks * rows_per_block - groups))
     return pack_mask(keep.view(n, n_blocks, rows_per_block, n_keys).any(2))
 
@@ -185,7 +194,24 @@ def runs_fused(impl: str, rows_per_block: int) -> bool:
     return impl == "kernels" and rows_per_block & (rows_per_block - 1) == 0
 
 
-def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float, threshold: float, *,
+def head_thresholds(threshold, heads: int, name: str = "threshold", upper: float = 1.0) -> float | torch.Tensor:
+    """A threshold knob: a number in (0, upper] -> float, or one per head (a list, tuple or 1-D tensor of
+    ``heads`` such numbers; a tensor is read on the host once) -> fp32 CPU tensor ``[heads]``. ValueError
+    naming ``name`` otherwise."""
+    def ok(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 < x <= upper
+
+    if ok(threshold):
+        return float(threshold)
+    values = threshold.tolist() if isinstance(threshold, torch.Tensor) and threshold.dim() == 1 else threshold
+    if not isinstance(values, (list, tuple)) or len(values) != heads or not all(ok(x) for x in values):
+        raise ValueError(f"{name}: expected a number in (0, {upper:g}] or a list of {heads} of them (one per "
+                         f"head), got {threshold!r}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float,
+                           threshold: float | torch.Tensor, *,
                            rows_per_block: int, n_blocks: int, impl: str, dtype: torch.dtype,
                            q_var: torch.Tensor | None = None, keep_all: torch.Tensor | None = None) -> torch.Tensor:
     """KeySet words of the key groups whose pooled probability exceeds ``threshold`` for some pooled row of
@@ -194,7 +220,8 @@ def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: fl
     Args:
         q_mean: fp32 ``[n, G, D]`` pooled queries (D a power of two for the Triton impl).
         k_mean: ``[n, Gk, D]`` keys or pooled keys, last dim contiguous.
-        scale: softmax scale; threshold: probability in (0, 1].
+        scale: softmax scale; threshold: probability in (0, 1], or fp32 ``[n]`` on q_mean's device: one per row
+            of q_mean's first dim (per head).
         rows_per_block: pooled rows per KeySet query block (block i owns rows ``[i * rpb, (i + 1) * rpb)``);
             the fused kernel takes powers of two, other values run the torch rule.
         n_blocks: KeySet query blocks, ``>= ceil(G / rows_per_block)``.
@@ -206,7 +233,8 @@ def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: fl
         int32 ``[n, n_blocks, ceil(Gk / 32)]``.
     """
     words_fn = _words_triton if runs_fused(impl, rows_per_block) else _words_torch
-    words = words_fn(q_mean, k_mean, q_var, scale, float(threshold), rows_per_block, n_blocks, dtype)
+    threshold = threshold if isinstance(threshold, torch.Tensor) else float(threshold)
+    words = words_fn(q_mean, k_mean, q_var, scale, threshold, rows_per_block, n_blocks, dtype)
     if keep_all is not None:
         words = torch.where(keep_all[..., None], full_row_words(k_mean.shape[1], k_mean.device), words)
     return words

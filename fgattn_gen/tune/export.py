@@ -2,7 +2,8 @@
 
 An entry's ``best`` is the fastest COMPLETE trial, ``runners_up`` the next up to 3 distinct variants.
 When the output file already exists for the same device, model, search space and mode, its entries for
-(shape, density) pairs that this run did not tune (e.g. other ``--densities``) are kept. An existing file
+(shape, density) pairs that this run did not tune (e.g. other ``--densities``) are kept, and so are its
+``predictor_knobs`` (``--calibrate``) when device, model and mode match (whatever the search space). An existing file
 that cannot be read is moved aside to ``<name>.corrupt-<UTC timestamp>`` (and reported) before the new file
 is written; a readable one of another device, model, search space or mode is replaced with a note.
 """
@@ -28,6 +29,7 @@ from .study import finished_trials
 from .workload import MeasuredShape
 
 N_RUNNERS_UP = 3
+KNOB_KEYS = ("gpu", "model", "interpret")  # metadata a file's predictor_knobs are kept across runs for
 _GPU_NOTE = ("Times are medians in ms measured at `measured`: the model's sequence lengths with measured.heads of "
              "shape.heads heads, min(heads, ceil(4 * n_SMs / n_qblocks)), enough for one launch to fill the GPU. "
              "A full layer takes about shape.heads / measured.heads times as long. Baselines are timed at the "
@@ -101,6 +103,7 @@ class Previous:
     kept: list[dict]
     unreadable: str | None = None
     not_kept: str | None = None
+    knobs: dict | None = None  # its predictor_knobs (same device, model and mode), kept whatever the search space
 
 
 def previous_entries(path: Path, meta: dict, entries: list[dict]) -> Previous:
@@ -113,10 +116,12 @@ def previous_entries(path: Path, meta: dict, entries: list[dict]) -> Previous:
         return Previous([], unreadable=" ".join(str(exc).split())[:300])
     same = ("gpu", "model", "search_space_hash", "interpret")
     differ = [k for k in same if old["metadata"][k] != meta[k]]
+    knobs = old.get("predictor_knobs") if all(old["metadata"][k] == meta[k] for k in KNOB_KEYS) else None
     if differ:
-        return Previous([], not_kept=", ".join(f"{k} {old['metadata'][k]!r} (now {meta[k]!r})" for k in differ))
+        return Previous([], not_kept=", ".join(f"{k} {old['metadata'][k]!r} (now {meta[k]!r})" for k in differ),
+                        knobs=knobs)
     new = {(e["label"], e["density"]) for e in entries}
-    return Previous([e for e in old["entries"] if (e["label"], e["density"]) not in new])
+    return Previous([e for e in old["entries"] if (e["label"], e["density"]) not in new], knobs=knobs)
 
 
 def move_aside(path: Path) -> Path:
@@ -131,6 +136,9 @@ def move_aside(path: Path) -> Path:
     return aside
 
 
-def tuned_document(meta: dict, entries: list[dict]) -> dict:
-    """The full document: ``{schema, metadata, entries}``."""
-    return {"schema": SCHEMA_VERSION, "metadata": meta, "entries": entries}
+def tuned_document(meta: dict, entries: list[dict], knobs: dict | None = None) -> dict:
+    """The full document: ``{schema, metadata, entries}``, and ``predictor_knobs`` when given."""
+    document = {"schema": SCHEMA_VERSION, "metadata": meta, "entries": entries}
+    if knobs:
+        document["predictor_knobs"] = knobs
+    return document

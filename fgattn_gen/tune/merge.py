@@ -7,7 +7,8 @@ key. Entries are matched by (label, seq_q, seq_k, density, layout: dtype, head_d
 each, every file's ``best`` and ``runners_up`` are pooled, one result per variant (its fastest), and ranked
 by ``ms``: the fastest is ``best``, the next up to three are ``runners_up``. The other fields of the merged
 entry (``measured``, ``baselines``, trial counts) are those of the entry whose best won. Entries only one
-file has are kept as they are. Nothing here imports torch or Triton.
+file has are kept as they are; so are ``predictor_knobs`` sections (the same predictor calibrated differently in
+two files is a MergeError).
 """
 
 from __future__ import annotations
@@ -94,7 +95,24 @@ def merge_documents(documents: list[tuple[str, dict]]) -> dict:
     if backends:
         meta["search_backends"] = backends
     meta["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return validate_tuned({"schema": SCHEMA_VERSION, "metadata": meta, "entries": entries}, "merged document")
+    merged = {"schema": SCHEMA_VERSION, "metadata": meta, "entries": entries}
+    knobs = _merged_knobs(checked)
+    if knobs:
+        merged["predictor_knobs"] = knobs
+    return validate_tuned(merged, "merged document")
+
+
+def _merged_knobs(checked: list[tuple[str, dict]]) -> dict:
+    """Every file's ``predictor_knobs`` sections; the same predictor calibrated differently by two files is
+    a MergeError (there is no measure to rank two calibrations by)."""
+    knobs: dict[str, tuple[str, dict]] = {}
+    for source, doc in checked:
+        for predictor, section in doc.get("predictor_knobs", {}).items():
+            if predictor in knobs and knobs[predictor][1] != section:
+                raise MergeError(f"{source}: predictor_knobs.{predictor} differs from {knobs[predictor][0]}'s; "
+                                 f"merge files with one calibration of each predictor (drop one of them)")
+            knobs.setdefault(predictor, (source, section))
+    return {predictor: dict(section) for predictor, (_, section) in knobs.items()}
 
 
 def merged_path(out: str | Path, document: dict) -> Path:

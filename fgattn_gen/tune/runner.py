@@ -214,7 +214,7 @@ def _export(run: _Run) -> int:
         run.console.print(f"[yellow]note: {escape(str(path))} was tuned with other settings "
                           f"({escape(previous.not_kept)}); its entries are replaced by this run's")
     if entries or kept:
-        write_tuned(path, tuned_document(meta, entries + kept))
+        write_tuned(path, tuned_document(meta, entries + kept, previous.knobs))
     for table in summary_tables(run.model, run.space, entries, failures):
         run.console.print(table)
     if run.device.interpret:
