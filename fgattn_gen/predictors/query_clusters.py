@@ -35,11 +35,12 @@ from ..environment import interpreting
 from ..query_order import mark_permutation
 
 # Assignment kernel: (queries per program, centroids per step, num_warps, num_stages); also the tile of the
-# counting sort. Chosen, not measured, for an H200 (to be swept: bench/predict_stages.py --sweep): a [128, D]
-# bf16 tile against [D, 64] centroid tiles, 80 (159 with the Lloyd sums) registers x 256 threads and 80 KB of
-# shared memory (ptxas, sm_90a); HunyuanVideo 720p: 931 x 24 = 22,344 programs (a Lloyd step: 2,808), each
-# reading the head's 465 bf16 centroids (119 KB) from L2.
-LAUNCH = (128, 64, 8, 3)
+# counting sort. A [128, D] bf16 tile against [D, 64] centroid tiles, 80 (159 with the Lloyd sums) registers and
+# 80 KB of shared memory (ptxas, sm_90a); HunyuanVideo 720p: 931 x 24 = 22,344 programs (a Lloyd step: 2,808),
+# each reading the head's 465 bf16 centroids (119 KB) from L2. Swept on an H200 (bench/predict_stages.py
+# --sweep, scattered family): 4 warps beat 8 at 720p (2.74 vs 2.81 ms) and at S = 32,760 (0.386 vs 0.409 ms);
+# 256 queries per program was 2.67 ms at 720p but 0.395 ms at 32,760.
+LAUNCH = (128, 64, 4, 3)
 _CENTROIDS_PER_PROGRAM = 16  # centroid init / update kernel
 _MEAN_ROWS = 64  # rows per step of the block-mean kernel
 _EPS = 1e-12
