@@ -43,7 +43,7 @@ from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from benchlib import header_lines, random_model, run_info, write_results  # noqa: E402
+from benchlib import elapsed_ms, header_lines, random_model, run_info, write_results  # noqa: E402
 from fgattn_gen.integrations import SparseSelfAttention, install  # noqa: E402
 
 FULL_LAYERS = (20, 40)  # dual-stream, single-stream blocks of the released model
@@ -89,19 +89,9 @@ class Clock:
 
     def __call__(self, fn, reps: int = 1) -> tuple[float, float | None]:
         if not self.cuda:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            return (time.perf_counter() - t0) * 1e3 / reps, None
-        torch.cuda.synchronize()
+            return elapsed_ms(fn, False, reps), None
         torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps, torch.cuda.max_memory_allocated() / 2 ** 30
+        return elapsed_ms(fn, True, reps), torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 def sdpa_context(backend: str):

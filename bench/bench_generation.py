@@ -53,7 +53,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchlib import RESULTS, header_lines, random_model, rel_l2, run_info, write_results  # noqa: E402
+from benchlib import RESULTS, elapsed_ms, header_lines, random_model, rel_l2, run_info, write_results  # noqa: E402
 from fgattn_gen import attention  # noqa: E402
 from fgattn_gen.attention_api import density_bucket  # noqa: E402
 from fgattn_gen.ditdata import FAMILIES, SHAPES, DitShape, trajectory  # noqa: E402
@@ -114,23 +114,6 @@ def build(model: str, blocks: int, smoke: bool, device: str):
                   timestep=torch.tensor([999], device=device),
                   encoder_hidden_states=torch.randn(1, text, 4096, generator=gen, **bf16))
     return net, inputs, 40, (heads, latent[0] * latent[1] // 2 * latent[2] // 2)
-
-
-def elapsed_ms(fn, cuda: bool, reps: int = 1) -> float:
-    """Milliseconds per call of ``fn`` (CUDA events; wall clock on the CPU)."""
-    if not cuda:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / reps
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def dense(q, k, v):

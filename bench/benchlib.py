@@ -31,6 +31,23 @@ def timer(cpu: bool, *, warmup_ms: float = 25, rep_ms: float = 150) -> Callable[
     return measure
 
 
+def elapsed_ms(fn, cuda: bool, reps: int = 1) -> float:
+    """Milliseconds per call of ``fn`` (CUDA events; wall clock on the CPU)."""
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def run_info(cpu: bool, **versions: str) -> dict:
     """``device``, ``date`` and ``versions`` (fgattn, torch, triton, CUDA, cuDNN, plus ``versions``) of a run."""
     device = "cpu (Triton interpreter; timings are not performance numbers)" if cpu else torch.cuda.get_device_name()

@@ -7,13 +7,13 @@ The workers are this file run as a script (``python test_parallel.py RANK WORLD 
 ``TRITON_INTERPRET=1`` in their environment, so the interpreter is chosen before Triton is imported.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import gloo_workers
 
 B, H, S, D = 1, 4, 96, 64
 BLOCK_M, BLOCK_N = 16, 1
@@ -86,21 +86,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def run_workers(world: int, tmp_path: Path) -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    init_file = tmp_path / "init"
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(init_file), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{log}"
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return gloo_workers.run_workers(__file__, world, tmp_path, timeout=120)
 
 
 @pytest.fixture(scope="module")

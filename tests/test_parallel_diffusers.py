@@ -14,14 +14,14 @@ workers report one device; and its split hook warns through ``logger.warning_onc
 ``transformers`` adds to ``logging.Logger`` (not installed here), so the workers add it.
 """
 
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+import gloo_workers
 
 pytest.importorskip("diffusers")
 
@@ -151,20 +151,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def run_workers(world: int, tmp_path: Path) -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    init_file = tmp_path / "init"
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(init_file), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{log}"
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return gloo_workers.run_workers(__file__, world, tmp_path, timeout=300)
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

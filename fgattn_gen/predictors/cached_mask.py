@@ -100,45 +100,22 @@ def _copy_to(keys: KeySet, device: torch.device) -> KeySet:
     return KeySet(bits, keys.n_kblocks, keys.block_m, keys.block_n, keys.density_hint)
 
 
-class _Density:
-    """A KeySet's density, computed on its device and copied to pinned host memory without waiting: read
-    only once the copy has finished (``value``), so no call ever synchronises for it."""
+class _HostScalar:
+    """A scalar tensor computed on its device, copied to pinned host memory without waiting: ``value(wait)``
+    reads it, waiting for the copy only when asked to; without waiting it is None until the copy is done, so
+    a caller that never waits never synchronises."""
 
-    def __init__(self, keys: KeySet):
-        b, h, nq, nk = keys.shape
-        fraction = keys.counts().sum(dtype=torch.float64) / (b * h * nq * nk)
+    def __init__(self, value: torch.Tensor):
         self._ready = None
-        if keys.device.type == "cuda":
-            host = torch.empty((), dtype=torch.float64, pin_memory=True)
-            host.copy_(fraction, non_blocking=True)
+        if value.device.type == "cuda":
+            host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
-            fraction = host
-        self._host = fraction
+            value = host
+        self._host = value
 
-    def value(self) -> float | None:
-        """The density once known (None before the copy finished, or for an empty KeySet)."""
-        if self._ready is not None and not self._ready.query():
-            return None
-        density = float(self._host)
-        return density if density > 0 else None
-
-
-class _Score:
-    """A layer's captured-mass score (fp32 scalar on the device) copied to the host: ``value(wait)`` reads it,
-    waiting for the copy only when asked to (``sync=True``); without waiting it is None until the copy is done."""
-
-    def __init__(self, score: torch.Tensor):
-        self._ready = None
-        if score.device.type == "cuda":
-            host = torch.empty((), dtype=score.dtype, pin_memory=True)
-            host.copy_(score, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-            score = host
-        self._host = score
-
-    def value(self, wait: bool) -> float | None:
+    def value(self, wait: bool = False) -> float | None:
         if self._ready is not None:
             if wait:
                 self._ready.synchronize()
@@ -147,13 +124,19 @@ class _Score:
         return float(self._host)
 
 
+def _density(keys: KeySet) -> _HostScalar:
+    """A KeySet's density (read with ``value()``: None until known; 0 for an empty KeySet)."""
+    b, h, nq, nk = keys.shape
+    return _HostScalar(keys.counts().sum(dtype=torch.float64) / (b * h * nq * nk))
+
+
 @dataclass
 class _Entry:
     keys: KeySet
     step: int  # the step whose dense pass produced the mask
-    density: _Density
+    density: _HostScalar  # of the KeySet
     fresh: torch.Tensor | None = None  # adaptive: fp32 [B, H] mean captured mass on the step it was made at
-    pending: _Score | None = None  # sync=False: the last reuse call's score, read at the next call
+    pending: _HostScalar | None = None  # sync=False: the last reuse call's score, read at the next call
 
 
 class CachedMask(Predictor):
@@ -265,7 +248,7 @@ class CachedMask(Predictor):
             entry = self._entries[slot]
             keys = _copy_to(entry.keys, q.device)
             mass = captured_mass(q, k, keys, samples=self.policy.samples, scale=self.scale)
-            score = _Score((mass.mean(-1) / entry.fresh.to(mass.device)).amin())
+            score = _HostScalar((mass.mean(-1) / entry.fresh.to(mass.device)).amin())
             if self.policy.sync:
                 low = score.value(wait=True) < self.policy.refresh_below
                 action = "refresh" if low else "reuse"
@@ -284,11 +267,11 @@ class CachedMask(Predictor):
             if isinstance(self.policy, AdaptiveRefresh):
                 mass = captured_mass(q, k, keys, samples=self.policy.samples, scale=self.scale)
                 fresh = mass.mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
-            self._entries[slot] = _Entry(stored, step, _Density(keys), fresh)
+            self._entries[slot] = _Entry(stored, step, _density(keys), fresh)
             return Prediction(keys, out)
         entry = self._entries[slot]
         keys = _copy_to(entry.keys, q.device)
-        return Prediction(replace(keys, density_hint=entry.density.value()), captured_mass=mass)
+        return Prediction(replace(keys, density_hint=entry.density.value() or None), captured_mass=mass)
 
     def history(self, layer: int, branch: int = 0) -> list[tuple[int, str]]:
         """``(step, action)`` of every call of the slot in this generation, action in ``ACTIONS``."""
