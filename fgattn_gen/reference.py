@@ -6,6 +6,8 @@ kernels compute): a NaN score or value of a selected key makes the affected outp
 probability 0, an infinite value of a selected key gives +-inf (NaN when both signs meet, or when its
 probability is exactly 0: 0 * inf). Unselected keys are never read, so nothing in them (NaN, Inf) can
 reach the output; a query block with no selected key gives zeros and LSE = -inf whatever its queries hold.
+The LSE of a row with a non-finite selected score is NaN, as the kernels' (-inf only means "no key"), so an
+LSE merge (ring attention, split keys) cannot drop such a row.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys:
     Returns:
         out fp32 ``[B, H, Sq, D]`` (zeros for rows with no selected key) and, with ``return_lse``,
         lse fp32 ``[B, H, Sq]`` (natural log; -inf for rows with no selected key, NaN where a selected
-        score is NaN). NaN / Inf inputs: see the module docstring.
+        score is NaN or +inf). NaN / Inf inputs: see the module docstring.
     """
     scale = check_attention_inputs(q, k, v, keys, scale, kernel_dtypes=False)
     b, h, sq, _ = q.shape
@@ -71,7 +73,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys:
         has_key = selected.any(-1, keepdim=True)
         scores = torch.einsum("hqd,hkd->hqk", q[bi].float(), k[bi].float()) * scale
         scores = scores.masked_fill(~selected, float("-inf"))  # unselected keys: never part of the sum
-        lse[bi] = torch.logsumexp(scores, dim=-1)
+        row_lse = torch.logsumexp(scores, dim=-1)
+        lse[bi] = row_lse.masked_fill(row_lse == float("inf"), float("nan"))  # +inf score: NaN row (inf - inf)
         probs = torch.where(has_key, torch.softmax(scores, dim=-1), 0.0)  # a row without keys: 0, not NaN
         out[bi] = _weighted_values(probs, selected, v[bi].float())
     return (out, lse) if return_lse else out

@@ -94,8 +94,9 @@ def kernel(
         acc, l_i, m_i = _tile_step(acc, l_i, m_i, q, k_head, v_head, idx_row, full_end, n_keys,
                                    stride_kn, stride_vn, qk_scale, MASKED=True)
 
-    # A query block with no selected key: output 0, LSE -inf.
-    has_keys = l_i > 0
+    # A query block with no selected key: output 0, LSE -inf. A NaN sum (a non-finite selected score) counts
+    # as keys: NaN output and LSE, so an LSE merge cannot drop the row.
+    has_keys = l_i != 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])

@@ -104,12 +104,13 @@ struct OnlineSoftmax {
     rescale(o, alpha);
   }
 
-  // Normalise o by the row sums; returns per row the natural-log LSE (-inf and o = 0 for a row with no key).
+  // Normalise o by the row sums; returns per row the natural-log LSE (-inf and o = 0 for a row with no key;
+  // NaN, not -inf, where a non-finite score made the sum NaN, so an LSE merge cannot drop that row).
   __device__ __forceinline__ void finish(float (&o)[D_FRAGS][4], float (&lse)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float sum = quad_sum(l[r]);
-      const bool any = sum > 0.f;
+      const bool any = sum != 0.f;  // true for NaN
       const float inv = any ? 1.f / sum : 0.f;
       lse[r] = any ? (m[r] + fast_log2(sum)) * 0.6931471805599453f : neg_inf();
 #pragma unroll
