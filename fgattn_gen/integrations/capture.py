@@ -79,13 +79,17 @@ def capture(target, directory: str | Path, *, layers: Sequence[int] | None = Non
 
 def _recorder(directory: Path, layers, heads, max_steps: int, batch_index: int):
     """A ``SparseSelfAttention`` that saves its inputs and returns the original attention."""
+    from .context_parallel import ulysses_group
     from .sparse_attention import SparseSelfAttention
 
     class Recorder(SparseSelfAttention):
-        def __call__(self, query, key, value, *, layer, text, attention_mask, sdpa, context_parallel=False):
+        def __call__(self, query, key, value, *, layer, text_tokens, attention_mask, sdpa, parallel_config=None):
+            if ulysses_group(parallel_config, query.shape[2])[1] > 1:
+                raise ValueError("capture: records one device's q/k/v; under context parallelism each rank holds "
+                                 "a shard of the sequence: capture on a pipeline without enable_parallelism")
             if self.step < max_steps and (layers is None or layer in layers) and batch_index < query.shape[0]:
                 self._save(query, key, value, layer, attention_mask)
-            return sdpa()
+            return sdpa(attention_mask)
 
         def _save(self, query, key, value, layer, attention_mask):
             """[B, S, H, D] -> the chosen sample and heads as [1, h, S, D] CPU copies, written at once."""
