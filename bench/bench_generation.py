@@ -60,7 +60,7 @@ from fgattn_gen.ditdata import FAMILIES, SHAPES, DitShape, trajectory  # noqa: E
 from fgattn_gen.predictors import AdaptiveRefresh, CachedMask, captured_mass, exact_mask, predict  # noqa: E402
 from fgattn_gen.predictors.dense import dense_attention_with_lse  # noqa: E402
 
-MODELS = {  # name: (sweep shape, blocks of the released model, denoising steps)
+MODELS = {  # name: (sweep shape, blocks of the released model)
     "hunyuan": (SHAPES["hunyuan-720p"], 60),
     "wan14b": (SHAPES["wan14b-720p"], 40),
 }

@@ -151,3 +151,11 @@ def write_atomic(path: Path, data: str | bytes, *, fsync: bool = False) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+@functools.cache
+def cuda_sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index``, looked up once."""
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -143,7 +143,7 @@ class CudaKernel:
         torch.cuda.init()
         with torch.cuda.device(device):
             # torch's primary context, current on this thread (a worker thread of a parallel build has none)
-            _check(driver.cuCtxSetCurrent(_primary_context(torch.device(device).index or 0)), "cuCtxSetCurrent")
+            _check(driver.cuCtxSetCurrent(_primary_context(torch.cuda.current_device())), "cuCtxSetCurrent")
             self._module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
             self._function = _check(driver.cuModuleGetFunction(self._module, name.encode()), "cuModuleGetFunction")
 

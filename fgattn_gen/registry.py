@@ -20,8 +20,9 @@ Calibrated predictor knobs (``predictor_knobs`` of a tuned file, ``fgattn-tune -
 ``served_knobs(device=, predictor=, heads=, seq_q=, seq_k=, head_dim=, block_m=, block_n=, layer=)`` returns
 the knobs of the calibration of ``predictor`` with these heads, head dim and KeySet layout whose sequence
 lengths are nearest (log distance, within a factor of two), for ``layer`` (its own values, else ``"*"``), or
-None. A file's knobs are served on the GPU it names (CUDA tensors), and the files of ``--interpret`` runs
-(gpu ``"triton-interpreter"``) serve CPU tensors; they need the same fgattn minor version, but not the
+None (per-head values are lists; ``head_range`` slices them for a rank holding some of the layer's heads). A
+file's knobs are served on the GPU it names, and the files of ``--interpret`` runs (gpu
+``"triton-interpreter"``) to CPU tensors; they need the same fgattn minor version, but not the
 kernel checks above (Triton version, search space), which concern the kernel entries only. The predictors
 ask for them (``predictors.default.Default``, ``CachedMask``) when the user gave no value for the knob: a
 bare ``attention(q, k, v, predictor="default")`` gets layer ``"*"``; ``integrations.install`` binds each layer's
@@ -356,14 +357,23 @@ def served(device: torch.device | str, dtype: torch.dtype, head_dim: int, seq_q:
 
 @functools.lru_cache(maxsize=4096)
 def _cached_knobs(gpu: str, predictor: str, heads: int, seq_q: int, seq_k: int, head_dim: int, block_m: int,
-                  block_n: int, layer) -> dict | None:
-    found = default_registry().calibration(gpu=gpu, predictor=predictor, heads=heads, seq_q=seq_q, seq_k=seq_k,
+                  block_n: int, layer, head_range: tuple[int, int] | None) -> dict | None:
+    total = heads if head_range is None else head_range[1]
+    found = default_registry().calibration(gpu=gpu, predictor=predictor, heads=total, seq_q=seq_q, seq_k=seq_k,
                                            head_dim=head_dim, block_m=block_m, block_n=block_n)
-    return None if found is None else found.knobs(layer)
+    if found is None:
+        return None
+    knobs = found.knobs(layer)
+    if head_range is None:
+        return knobs
+    first = head_range[0]  # this call's heads of the layer's: the per-head lists' slice
+    return {name: value[first:first + heads] if isinstance(value, list) and len(value) == total else value
+            for name, value in knobs.items()}
 
 
 def served_knobs(*, device: torch.device | str, predictor: str, heads: int, seq_q: int, seq_k: int, head_dim: int,
-                 block_m: int, block_n: int, layer: int | None = None) -> dict | None:
+                 block_m: int, block_n: int, layer: int | None = None,
+                 head_range: tuple[int, int] | None = None) -> dict | None:
     """Calibrated knobs of ``predictor`` for an attention call (module docstring), or None.
 
     Args:
@@ -371,14 +381,24 @@ def served_knobs(*, device: torch.device | str, predictor: str, heads: int, seq_
             GPU name. predictor: a predictor name (``tuned.CALIBRATED_KNOBS``).
         heads, seq_q, seq_k, head_dim: q ``[B, heads, seq_q, head_dim]``, k ``[B, heads, seq_k, head_dim]``.
         block_m, block_n: the predictor's KeySet layout. layer: the layer index, None for ``"*"``.
+        head_range: ``(first, total)`` when the call holds heads ``first .. first + heads`` of a layer of
+            ``total`` heads (a rank under Ulysses context parallelism): the calibration of ``total`` heads is
+            served, its per-head lists sliced. None: the call holds every head.
     Returns:
         ``{knob: [heads values], **fixed knobs}`` (a shared dict: do not modify), or None. A warm call is a
         dictionary hit (no host sync).
     """
+    if isinstance(device, str) and re.fullmatch(r"cpu(:\d+)?", device):
+        device = torch.device(device)
     cpu = isinstance(device, torch.device) and device.type == "cpu"
     gpu = INTERPRETER_GPU if cpu else _gpu_of(device)[0]
+    if head_range is not None:
+        first, total = head_range
+        if not (isinstance(first, int) and isinstance(total, int) and 0 <= first and first + heads <= total):
+            raise ValueError(f"head_range: expected (first, total) with 0 <= first and first + heads ({heads}) "
+                             f"<= total, got {head_range!r}")
     return _cached_knobs(gpu, predictor, heads, seq_q, seq_k, head_dim, block_m, block_n,
-                         "*" if layer is None else layer)
+                         "*" if layer is None else layer, None if head_range is None else tuple(head_range))
 
 
 def shipped_variants() -> dict[str, set[Variant]]:

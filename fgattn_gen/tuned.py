@@ -34,7 +34,7 @@ Schema (version 1)::
         statistic: max | mean            # of a head's error over the samples (and their batch)
         shape: {heads, seq_q, seq_k, head_dim, block_m, block_n: int}   # of the samples, and the layout
         samples: int                     # (q, k, v) samples per layer
-        fixed: {knob: value}             # the predictor's other knobs during calibration (served with it)
+        fixed: {knob: value}             # the other knobs during calibration (served with it to default; cached_exact takes only threshold)
         measured_heads: [int]            # optional: the heads the samples held (others got the densest value)
         layers:
           "*": {<knob>: [heads numbers]}         # layers not listed: per head the smallest (densest) value

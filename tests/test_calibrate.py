@@ -209,6 +209,50 @@ def test_registry_serves_knobs_by_shape_and_layer(served_file):
     assert registry.served_knobs(**{**args, "device": "NVIDIA H200"}) is None  # an interpreter file serves the CPU
 
 
+def test_a_rank_under_context_parallelism_is_served_its_heads(tmp_path, monkeypatch, _torch_predictors):
+    """A rank holding heads 2-3 of a 4-head layer (Ulysses degree 2) gets those heads' calibrated values, for
+    the default predictor and for cached_exact; the cpu device may be named by a string."""
+    from fgattn_gen.predictors import CachedMask
+    from fgattn_gen.predictors.default import Default
+
+    doc = _document()
+    doc["predictor_knobs"]["default"]["layers"][2]["threshold_scale"] = [10.0, 20.0, 30.0, 40.0]
+    section = copy.deepcopy(doc["predictor_knobs"]["default"])
+    section.update(knob="threshold", fixed={"refresh_steps": [0]})
+    section["layers"] = {"*": {"threshold": [0.5, 0.25, 1e-6, 0.05]}}
+    doc["predictor_knobs"]["cached_exact"] = section
+    write_tuned(tmp_path / "tiny.yaml", doc)
+    monkeypatch.setenv("FGATTN_TUNED_PATH", str(tmp_path))
+    registry.reload()
+    try:
+        args = dict(device="cpu", predictor="default", seq_q=727, seq_k=727, head_dim=64, block_m=128, block_n=1)
+        assert registry.served_knobs(**args, heads=2, layer=2, head_range=(2, 4))["threshold_scale"] == [30.0, 40.0]
+        assert registry.served_knobs(**args, heads=2, layer=2) is None  # a 2-head layer: not calibrated
+        with pytest.raises(ValueError, match=r"^head_range: expected \(first, total\)"):
+            registry.served_knobs(**args, heads=2, head_range=(3, 4))
+        (q, k, v), = _samples("smooth", seeds=(0,))
+        q, k, v = (t[:, 2:].contiguous() for t in (q, k, v))  # heads 2 and 3
+        calls = []
+        import fgattn_gen.predictors.default as default
+        real = default.predict
+        default.predict = lambda *a, **knobs: calls.append(knobs) or real(*a, **knobs)
+        try:
+            rank = Default()
+            rank.head_range = (2, 4)
+            rank.at(layer=2).predict(q, k, v)
+        finally:
+            default.predict = real
+        assert calls[-1]["threshold_scale"] == [30.0, 40.0]
+        cache = CachedMask([0])
+        cache.head_range = (2, 4)
+        sliced = cache.at(step=0, layer=0).predict(q, k, v).keys
+        explicit = CachedMask([0], threshold=[1e-6, 0.05]).at(step=0, layer=0).predict(q, k, v).keys
+    finally:
+        monkeypatch.delenv("FGATTN_TUNED_PATH")
+        registry.reload()
+    assert torch.equal(sliced.bits, explicit.bits)
+
+
 def test_attention_with_the_default_predictor_uses_served_knobs(served_file, _torch_predictors):
     from fgattn_gen import attention
     from fgattn_gen.predictors.default import Default

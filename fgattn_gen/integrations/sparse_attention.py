@@ -123,20 +123,26 @@ class SparseSelfAttention:
                 attention_mask = rank_major(attention_mask, segments, world, dim=-1)
             return sdpa(attention_mask)
 
+        head_range = None  # this rank's heads of the layer's (the all-to-all gives rank r the r-th H/N)
+        if world > 1:
+            import torch.distributed as dist
+
+            head_range = (dist.get_rank(group) * (query.shape[2] // world), query.shape[2])
+
         def attend(q, k, v):  # [B, H', S, D]: every token of H' heads
-            return self._attend_sequence(q, k, v, layer, text, lengths)
+            return self._attend_sequence(q, k, v, layer, text, lengths, head_range)
 
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, s, D] views, no copies
         out = attend(q, k, v) if world == 1 else ulysses_apply(q, k, v, attend, group=group, segments=segments)
         return out.transpose(1, 2)
 
     def _attend_sequence(self, q, k, v, layer: int, text: tuple[int, int] | None,
-                         lengths: tuple[int, ...] | None) -> torch.Tensor:
+                         lengths: tuple[int, ...] | None, head_range: tuple[int, int] | None) -> torch.Tensor:
         """fgattn on q/k/v ``[B, H, S, D]`` over each sample's valid keys (``lengths``, None: all)."""
         if lengths is None or len(set(lengths)) == 1:
             valid = k.shape[2] if lengths is None else lengths[0]
-            return self._attend(q, k[:, :, :valid], v[:, :, :valid], layer, text, sample=None)
-        return torch.cat([self._attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], layer, text, sample=b)
+            return self._attend(q, k[:, :, :valid], v[:, :, :valid], layer, text, None, head_range)
+        return torch.cat([self._attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], layer, text, b, head_range)
                           for b, n in enumerate(lengths)])
 
     def _check_supported(self, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -167,18 +173,21 @@ class SparseSelfAttention:
         self._mask_lengths = (mask, None if min(lengths) == seq_k else lengths)
         return self._mask_lengths[1]
 
-    def _attend(self, q, k, v, layer: int, text: tuple[int, int] | None, sample: int | None) -> torch.Tensor:
+    def _attend(self, q, k, v, layer: int, text: tuple[int, int] | None, sample: int | None,
+                head_range: tuple[int, int] | None) -> torch.Tensor:
         """fgattn on q ``[B, H, Sq, D]``, k/v ``[B, H, Sk, D]`` (no padded keys) -> ``[B, H, Sq, D]``. One
-        predictor per input shape, text range and (for uneven padding) sample, shared by every layer."""
+        predictor per input shape, text range, (for uneven padding) sample and head range (``Predictor.
+        head_range``: this rank's heads under context parallelism), shared by every layer."""
         b, h, seq_q, _ = q.shape
         seq_k = k.shape[2]
         keep = None
         if self.keep_text and text is not None and text[0] < min(text[1], seq_k):
             keep = (text[0], min(text[1], seq_k))
-        slot = (b, h, seq_q, seq_k, keep, sample)
+        slot = (b, h, seq_q, seq_k, keep, sample, head_range)
         if slot not in self._predictors:
             self._predictors[slot] = make_predictor(self.predictor, keep_keys=keep, block_m=self.block_m,
                                                     block_n=self.block_n, **self.knobs)
+            self._predictors[slot].head_range = head_range
         predictor = self._predictors[slot].at(step=self.step, layer=layer, branch=self.branch)
         return attention(q, k, v, predictor=predictor)
 

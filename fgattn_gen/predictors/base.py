@@ -30,7 +30,14 @@ class Prediction:
 
 
 class Predictor(ABC):
-    """Base of the predictor objects: ``predict(q, k, v) -> Prediction``; ``at(...)`` binds a step."""
+    """Base of the predictor objects: ``predict(q, k, v) -> Prediction``; ``at(...)`` binds a step.
+
+    ``head_range``: None, or ``(first, total)`` when the calls' q heads are heads ``first ..`` of a layer of
+    ``total`` heads (a rank under Ulysses context parallelism, set by the integration): calibrated knobs
+    (``registry.served_knobs``) are then those of the whole layer, sliced to these heads.
+    """
+
+    head_range: tuple[int, int] | None = None
 
     @abstractmethod
     def predict(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Prediction:

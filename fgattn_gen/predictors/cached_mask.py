@@ -106,6 +106,7 @@ class _HostScalar:
     a caller that never waits never synchronises."""
 
     def __init__(self, value: torch.Tensor):
+        self.source = value  # the device tensor
         self._ready = None
         if value.device.type == "cuda":
             host = torch.empty((), dtype=value.dtype, pin_memory=True)
@@ -243,12 +244,15 @@ class CachedMask(Predictor):
             self._entries.pop(slot, None)
             self._history.pop(slot, None)
         self._last_step[slot] = step
-        mass = None
+        mass = checked = None
         if action == "check":
             entry = self._entries[slot]
-            keys = _copy_to(entry.keys, q.device)
-            mass = captured_mass(q, k, keys, samples=self.policy.samples, scale=self.scale)
-            score = _HostScalar((mass.mean(-1) / entry.fresh.to(mass.device)).amin())
+            checked = _copy_to(entry.keys, q.device)
+            mass = captured_mass(q, k, checked, samples=self.policy.samples, scale=self.scale)
+            ratio = (mass.mean(-1) / entry.fresh.to(mass.device)).amin()
+            if entry.pending is not None:  # sync=False, the previous score not read yet: neither is lost
+                ratio = torch.minimum(ratio, entry.pending.source.to(ratio.device))
+            score = _HostScalar(ratio)
             if self.policy.sync:
                 low = score.value(wait=True) < self.policy.refresh_below
                 action = "refresh" if low else "reuse"
@@ -270,7 +274,7 @@ class CachedMask(Predictor):
             self._entries[slot] = _Entry(stored, step, _density(keys), fresh)
             return Prediction(keys, out)
         entry = self._entries[slot]
-        keys = _copy_to(entry.keys, q.device)
+        keys = checked if checked is not None else _copy_to(entry.keys, q.device)
         return Prediction(replace(keys, density_hint=entry.density.value() or None), captured_mass=mass)
 
     def history(self, layer: int, branch: int = 0) -> list[tuple[int, str]]:
@@ -287,7 +291,7 @@ class CachedMask(Predictor):
 
         served = served_knobs(device=q.device, predictor="cached_exact", heads=q.shape[1], seq_q=q.shape[2],
                               seq_k=k.shape[2], head_dim=q.shape[3], block_m=options["block_m"],
-                              block_n=options["block_n"], layer=layer)
+                              block_n=options["block_n"], layer=layer, head_range=self.head_range)
         return options if served is None else {**options, "threshold": served["threshold"]}
 
     def keys(self, layer: int, branch: int = 0) -> KeySet | None:

@@ -82,13 +82,6 @@ def check_sim_threshold(sim_threshold) -> float:
     return float(sim_threshold)
 
 
-def check_threshold(threshold) -> float:
-    """A probability in (0, 1]."""
-    if not _is_real(threshold) or not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold: expected a probability in (0, 1], got {threshold!r}")
-    return float(threshold)
-
-
 def check_scale(scale, head_dim: int) -> float:
     """The softmax scale: ``head_dim ** -0.5`` for None, else a positive finite float."""
     if scale is None:

@@ -31,7 +31,7 @@ from .mass_kernel import runs_fused
 from .min_mass import check_min_mass
 from .pooling import group_mean
 from .query_clusters import cluster_order, ordered_block_means
-from .threshold_rule import head_thresholds, pooled_threshold_words
+from .threshold_rule import device_thresholds, pooled_threshold_words
 from .words import full_row_words
 
 _EMPTY = EmptyWatch("predict", "threshold_scale")
@@ -65,9 +65,8 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
     checks.check_tensors(q=q, k=k)
     block_m = checks.check_positive_int(block_m, "block_m")
     block_n = checks.check_positive_int(block_n, "block_n")
-    threshold = head_thresholds(threshold_scale, q.shape[1], "threshold_scale", upper=k.shape[2]) / k.shape[2]
-    if isinstance(threshold, torch.Tensor):
-        threshold = threshold.to(q.device)
+    threshold = device_thresholds(threshold_scale, q.shape[1], q.device, name="threshold_scale", upper=k.shape[2],
+                                  divisor=k.shape[2])
     if min_mass is not None:
         min_mass = check_min_mass(min_mass)
     samples = checks.check_positive_int(samples, "samples")
@@ -151,8 +150,9 @@ class Default(Predictor):
         self.layer: int | None = None
 
     def at(self, *, step: int = 0, layer: int = 0, branch: int = 0) -> "Default":
+        """This predictor bound to ``layer`` (whose calibrated knobs it takes); step and branch do not matter."""
         bound = Default(**self.knobs)
-        bound.layer = layer
+        bound.layer, bound.head_range = layer, self.head_range
         return bound
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Prediction:
@@ -162,7 +162,7 @@ class Default(Predictor):
 
             served = served_knobs(device=q.device, predictor="default", heads=q.shape[1], seq_q=q.shape[2],
                                   seq_k=k.shape[2], head_dim=q.shape[3], block_m=knobs.get("block_m", 128),
-                                  block_n=knobs.get("block_n", 1), layer=self.layer)
+                                  block_n=knobs.get("block_n", 1), layer=self.layer, head_range=self.head_range)
             knobs = {**served, **knobs} if served else knobs
         keys, mass = predict(q, k, return_mass=True, **knobs)
         return Prediction(keys, captured_mass=mass)

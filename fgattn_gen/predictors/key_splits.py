@@ -9,25 +9,20 @@ programs; each writes partial softmax statistics that a cheap merge combines (on
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
+from ..environment import cuda_sm_count
+
 # In Triton's interpreter: a small machine, so that the tests' small shapes still run several splits.
 _INTERPRETER_SMS = 2
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (CUDA), or a small stand-in elsewhere (the interpreter)."""
     if device.type != "cuda":
         return _INTERPRETER_SMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def key_splits(n_keys: int, block_k: int, programs: int, device: torch.device, *, programs_per_sm: int,

@@ -28,7 +28,7 @@ from . import checks
 from .always_keep import always_keep_words
 from .empty_watch import EmptyWatch
 from .pooling import group_mean, group_mean_and_similarity, group_mean_similarity_variance, pooled_scores
-from .threshold_rule import head_thresholds, pooled_threshold_words, runs_fused
+from .threshold_rule import device_thresholds, pooled_threshold_words, runs_fused
 from .top_p_search import keeps_every_key, top_p_words
 from .words import full_bits
 
@@ -93,9 +93,7 @@ def pooled_top_p(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_
         raise ValueError("threshold, top_p: give one of them (a cut on each pooled probability, or the top_p "
                          "mass of each pooled group), not both")
     if threshold is not None:
-        threshold = head_thresholds(threshold, q.shape[1])
-        if isinstance(threshold, torch.Tensor):
-            threshold = threshold.to(q.device, non_blocking=True)
+        threshold = device_thresholds(threshold, q.shape[1], q.device)
     else:
         top_p = checks.check_top_p(0.9 if top_p is None else top_p)
     sim_threshold = checks.check_sim_threshold(sim_threshold)

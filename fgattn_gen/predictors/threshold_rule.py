@@ -16,6 +16,7 @@ CPU without the interpreter: the same rule in torch ops on the materialised scor
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -208,6 +209,22 @@ def head_thresholds(threshold, heads: int, name: str = "threshold", upper: float
         raise ValueError(f"{name}: expected a number in (0, {upper:g}] or a list of {heads} of them (one per "
                          f"head), got {threshold!r}")
     return torch.tensor(values, dtype=torch.float32)
+
+
+def device_thresholds(threshold, heads: int, device: torch.device | str, *, name: str = "threshold",
+                      upper: float = 1.0, divisor: float = 1.0) -> float | torch.Tensor:
+    """``head_thresholds(threshold, heads, name, upper) / divisor``: a float, or fp32 ``[heads]`` on ``device``,
+    made once per values and device (a copy from pageable host memory synchronises the host, and cannot run
+    while a CUDA graph is captured: call once before capturing)."""
+    value = head_thresholds(threshold, heads, name, upper)
+    if not isinstance(value, torch.Tensor):
+        return value / divisor
+    return _thresholds_on(tuple(value.tolist()), float(divisor), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _thresholds_on(values: tuple[float, ...], divisor: float, device: torch.device) -> torch.Tensor:
+    return (torch.tensor(values, dtype=torch.float32) / divisor).to(device)
 
 
 def pooled_threshold_words(q_mean: torch.Tensor, k_mean: torch.Tensor, scale: float,

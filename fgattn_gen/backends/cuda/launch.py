@@ -20,6 +20,7 @@ import torch
 import triton
 
 from ... import compaction, nvrtc, render
+from ...environment import cuda_sm_count
 from ...keyset import KeySet
 from ...variant import Variant
 
@@ -91,12 +92,6 @@ def _load(variant: Variant, device_index: int, options: tuple[str, ...]) -> nvrt
     return kernel
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of a device (the persistent grid's size), looked up once."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def grid(variant: Variant, n_mtiles: int, n_bh: int, sm_count: int) -> tuple[int, int, int]:
     """The launch grid of one head chunk: (n_mtiles, n_bh) CTAs, one per query tile, or with ``persist`` one
     CTA per SM (at most one per tile), each looping over tiles."""
@@ -142,7 +137,7 @@ def run(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
     if n_mtiles * min(chunk, n_bh) >= 2**31:
         raise ValueError(f"q: {n_mtiles} query tiles x {min(chunk, n_bh)} heads per launch exceed the kernel's "
                          f"32-bit tile index")
-    sm_count = _sm_count(device_index)
+    sm_count = cuda_sm_count(device_index)
     for bh_start in range(0, n_bh, chunk):
         n = min(chunk, n_bh - bh_start)
         idx, n_keys = compaction.compact(keys, bh_start, n, k.shape[2])
