@@ -511,6 +511,7 @@ class Trajectory(Sequence):
         return len(self._u)
 
     def __getitem__(self, step: int) -> DitAttention:
+        """Step ``step``'s q/k/v (each ``[batch, H, S, D]`` in the trajectory's dtype and device), made on demand."""
         if isinstance(step, bool) or not isinstance(step, int) or not -len(self) <= step < len(self):
             raise IndexError(f"step: expected an int in [{-len(self)}, {len(self)}), got {step!r}")
         step %= len(self)

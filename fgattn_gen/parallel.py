@@ -14,6 +14,8 @@ custom loops). ``ulysses_apply`` is the exchange around any attention function; 
 
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 import torch
@@ -22,7 +24,6 @@ from .attention_api import attention
 from .keyset import KeySet
 from .query_order import check_permutation, mark_permutation
 
-_SEGMENT_ORDERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _group_size_and_rank(group) -> tuple[int, int]:
@@ -46,17 +47,16 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     return recv.view(x.dtype) if recv.dtype != x.dtype else recv
 
 
+@functools.lru_cache(maxsize=64)
 def _segment_order(segments: tuple[int, ...], world: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int64 ``[P*s]`` positions in the rank-major sequence of the segment-major tokens, its inverse), cached
-    per (segments, P, device)."""
-    key = (segments, world, device)
-    if key not in _SEGMENT_ORDERS:
-        shard = sum(segments)
-        starts = [sum(segments[:i]) for i in range(len(segments))]
-        rank_starts = torch.arange(world)[:, None] * shard
-        order = torch.cat([(rank_starts + start + torch.arange(n)).flatten() for start, n in zip(starts, segments)])
-        _SEGMENT_ORDERS[key] = (order.to(device), torch.argsort(order).to(device))
-    return _SEGMENT_ORDERS[key]
+    """(int64 ``[P*s]`` positions in the rank-major sequence of the segment-major tokens, its inverse), made on
+    ``device`` once per (segments, P, device) (a prompt length is a new key: bounded)."""
+    shard = sum(segments)
+    starts = [sum(segments[:i]) for i in range(len(segments))]
+    rank_starts = torch.arange(world, device=device)[:, None] * shard
+    order = torch.cat([(rank_starts + start + torch.arange(n, device=device)).flatten()
+                       for start, n in zip(starts, segments)])
+    return order, torch.argsort(order)
 
 
 def rank_major(x: torch.Tensor, segments: tuple[int, ...], world: int, dim: int) -> torch.Tensor:
@@ -65,6 +65,7 @@ def rank_major(x: torch.Tensor, segments: tuple[int, ...], world: int, dim: int)
     Segment-major is the model's order (segment 0 of every rank's shard in rank order, then segment 1, ...:
     HunyuanVideo's ``[video; text]``); rank-major is the order of the shards themselves (rank 0's segments,
     then rank 1's), which is what an all-to-all over the shards gathers. x itself with one segment.
+    ``segments``: the positive token counts of one rank's segments; x any dtype, its other dims unchanged.
     """
     if len(segments) == 1:
         return x

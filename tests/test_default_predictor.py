@@ -129,3 +129,31 @@ def test_fused_widening_matches_torch(gen, monkeypatch):
     assert low.any() and (~low).any()
     full = KeySet.full(*q.shape[:3], k.shape[2], block_m=128, device=q.device).bits
     assert torch.equal(bits, torch.where(low[..., None], full, keys.bits))
+
+
+@pytest.mark.gpu
+def test_predict_runs_without_host_sync_and_in_a_cuda_graph():
+    """Per-head thresholds (what a calibration serves) and text keys: after a first call (which makes the
+    cached sample rows, text words and threshold tensor), ``predict`` neither synchronises the host nor breaks
+    CUDA-graph capture, and the replayed graph gives the eager call's KeySet."""
+    data = dit_qkv("narrow-cpu", family="scattered", seed=5, dtype=torch.bfloat16, device="cuda")
+    q, k = data.q, data.k
+    heads, seq = q.shape[1], k.shape[2]
+    # cluster_steps=0 for the equalities: the Lloyd steps sum with atomics (order-dependent fp32 rounding)
+    knobs = dict(threshold_scale=[0.5 + i for i in range(heads)], keep_keys=[(seq - 40, seq)], cluster_steps=0)
+    eager = predict(q, k, **knobs)
+    predict(q, k, **{**knobs, "cluster_steps": 4})
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = predict(q, k, **knobs)
+        predict(q, k, **{**knobs, "cluster_steps": 4})
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(again.bits, eager.bits) and torch.equal(again.query_order, eager.query_order)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = predict(q, k, **knobs)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.bits, eager.bits) and torch.equal(captured.query_order, eager.query_order)
