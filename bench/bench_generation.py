@@ -25,7 +25,9 @@ tables from what that file holds, so parts may run in separate calls):
   ``default`` (``attention(predictor=predict)`` per call, text keys kept), ``fixed`` (``CachedMask``, exact
   masks at threshold ``--fixed-c`` / S refreshed every ``--fixed-every`` steps) and ``adaptive w/c/r``
   (``AdaptiveRefresh(refresh_below=r, warmup=w, max_age=--max-age)``, exact masks at threshold c / S), over
-  the grid ``--warmups`` x ``--thresholds`` x ``--refresh-below``. Kernels are compiled before timing (one
+  the grid ``--warmups`` x ``--thresholds`` x ``--refresh-below``; ``calibrated e/w/r`` (``--calibrated``):
+  adaptive with per-head thresholds that ``predictors.calibrate`` picks for target error e on a held-out
+  run of the same family (seed + 1000; calibration time not counted). Kernels are compiled before timing (one
   call per density bucket).
 
 Rows: ``attention_speedup`` = sum of dense times / sum of the schedule's times over steps and layers (the
@@ -57,7 +59,9 @@ from benchlib import RESULTS, elapsed_ms, header_lines, random_model, rel_l2, ru
 from fgattn_gen import attention  # noqa: E402
 from fgattn_gen.attention_api import density_bucket  # noqa: E402
 from fgattn_gen.ditdata import FAMILIES, SHAPES, DitShape, trajectory  # noqa: E402
-from fgattn_gen.predictors import AdaptiveRefresh, CachedMask, captured_mass, exact_mask, predict  # noqa: E402
+from fgattn_gen.predictors import AdaptiveRefresh, CachedMask, calibrate, captured_mass, exact_mask, predict  # noqa: E402
+from fgattn_gen.predictors import UnreachableTarget  # noqa: E402
+from fgattn_gen.predictors.calibration import default_grid  # noqa: E402
 from fgattn_gen.predictors.dense import dense_attention_with_lse  # noqa: E402
 
 MODELS = {  # name: (sweep shape, blocks of the released model)
@@ -163,7 +167,27 @@ def schedules(args, seq: int, text) -> dict:
                 policy = AdaptiveRefresh(refresh_below=r, warmup=w, max_age=args.max_age, samples=args.samples)
                 out[f"adaptive w{w} c{c:g} r{r:g}"] = (
                     "cache", functools.partial(CachedMask, policy=policy, threshold=min(1.0, c / seq), keep_keys=keep))
+        for target in args.calibrated:
+            for r in args.refresh_below:
+                policy = AdaptiveRefresh(refresh_below=r, warmup=w, max_age=args.max_age, samples=args.samples)
+                out[f"calibrated e{target:g} w{w} r{r:g}"] = (
+                    "calibrated", functools.partial(CachedMask, policy=policy, keep_keys=keep), target)
     return out
+
+
+def calibrated_thresholds(shape, family: str, layer: int, target: float, warmup: int, args, device, log) -> list:
+    """Per-head exact-mask thresholds for ``target`` (``predictors.calibrate``, worst error over the samples)
+    from a held-out run of the same family (seed + 1000: other draws, as a user's earlier generation would
+    be): its steps ``warmup - 1``, the middle and the last. Unreachable: the densest grid value."""
+    held = trajectory(shape, family, steps=args.steps, seed=args.seed + 1000, device=device)
+    steps = sorted({max(warmup - 1, 0), args.steps // 2, args.steps - 1})
+    samples = [(held[t].q, held[t].k, held[t].v) for t in steps]
+    try:
+        found = calibrate({layer: samples}, target_error=target, predictor="cached_exact", points=8, refine=2)
+        return found.values[layer]
+    except UnreachableTarget as miss:
+        log(f"calibration of {family} to {target:g}: {miss}; the densest grid value instead")
+        return [default_grid("threshold", shape.seq, 8)[0]] * shape.heads
 
 
 def compile_kernels(q, k, v, text) -> None:
@@ -190,7 +214,14 @@ def sweep_part(model: str, args, log) -> dict:
         if layer == 0:
             last = traj[-1]
             compile_kernels(last.q, last.k, last.v, text)
-        objects = {name: factory() for name, (_, factory) in plans.items()}
+        objects = {}
+        for name, (kind, factory, *target) in plans.items():
+            if kind == "calibrated":
+                warmup = factory.keywords["policy"].warmup
+                threshold = calibrated_thresholds(shape, family, layer, target[0], warmup, args, device, log)
+                objects[name] = factory(threshold=threshold)
+            else:
+                objects[name] = factory()
         started = time.time()
         for step in range(args.steps):
             data = traj[step]
@@ -198,9 +229,9 @@ def sweep_part(model: str, args, log) -> dict:
             box = {}
             totals["dense"]["ms"] += elapsed_ms(lambda: box.update(out=dense(q, k, v)), cuda)
             ref = box["out"]
-            for name, (kind, _) in plans.items():
+            for name, (kind, *_) in plans.items():
                 obj = objects[name]
-                predictor = obj.at(step=step, layer=layer) if kind == "cache" else obj
+                predictor = obj.at(step=step, layer=layer) if kind != "call" else obj
                 got = {}
                 totals[name]["ms"] += elapsed_ms(lambda: got.update(out=attention(q, k, v, predictor=predictor,
                                                                                   return_stats=True)), cuda)
@@ -208,8 +239,8 @@ def sweep_part(model: str, args, log) -> dict:
                 totals[name]["errors"].append(rel_l2(out, ref))
                 totals[name]["densities"].append(stats.density)
             del data, q, k, v, ref
-        for name, (kind, _) in plans.items():
-            if kind == "cache":
+        for name, (kind, *_) in plans.items():
+            if kind != "call":
                 for _, action in objects[name].history(layer):
                     totals[name]["actions"][action] = totals[name]["actions"].get(action, 0) + 1
         log(f"{model} sweep: layer {layer} ({family}) {args.steps} steps in {time.time() - started:.0f} s")
@@ -301,6 +332,9 @@ def main(argv=None) -> int:
                         help="adaptive: exact-mask threshold c / S, the values of c")
     parser.add_argument("--refresh-below", type=float, nargs="+", default=[0.9, 0.95])
     parser.add_argument("--max-age", type=int, default=15)
+    parser.add_argument("--calibrated", type=float, nargs="*", default=[],
+                        help="adaptive with per-head thresholds calibrated (predictors.calibrate) to these target "
+                             "errors on a held-out run; x --warmups x --refresh-below")
     parser.add_argument("--samples", type=int, default=2, help="adaptive: rows per block of the mass check")
     parser.add_argument("--fixed-c", type=float, default=4.0)
     parser.add_argument("--fixed-every", type=int, default=10)

@@ -15,7 +15,7 @@ import torch
 from fgattn_gen import registry
 from fgattn_gen.ditdata import dit_qkv
 from fgattn_gen.predictors import exact_mask, pooled_top_p, predict
-from fgattn_gen.predictors.calibrate import UnreachableTarget, calibrate
+from fgattn_gen.predictors import UnreachableTarget, calibrate
 from fgattn_gen.tuned import load_tuned, validate_tuned, write_tuned
 
 

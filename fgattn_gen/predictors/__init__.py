@@ -14,6 +14,8 @@ predictor="name")`` and the diffusers integration take (``PREDICTORS``).
 - ``SetKeys``: every key, or a synthetic local mask of a density (benchmarks).
 - ``captured_mass(q, k, keys)``: per query block, the softmax mass a KeySet keeps, from a few exact rows.
 - ``widen_to_mass(q, k, keys, min_mass=0.95)``: widens the blocks whose estimated mass is below min_mass.
+- ``calibrate(samples, target_error=...)``: per-layer, per-head threshold knobs that reach a target output
+  error at the least density (``calibration``; served from the tuned YAML by the registry).
 
 Kernels and helpers: ``top_p_search`` (top-p threshold by bisection), ``threshold_rule`` (fixed probability
 threshold, fused Triton kernel), ``block_stats`` (exact per-block statistics of the probabilities), ``dense``
@@ -26,6 +28,7 @@ under ``TRITON_INTERPRET=1``, and without it the same functions fall back to tor
 
 from .base import PerCall, Prediction, Predictor
 from .cached_mask import AdaptiveRefresh, CachedMask, FixedRefresh
+from .calibration import Calibration, UnreachableTarget, calibrate
 from .captured_mass import captured_mass
 from .default import predict
 from .exact_mask import exact_mask
@@ -35,5 +38,6 @@ from .pooled_top_p import pooled_top_p
 from .query_clusters import cluster_order
 from .set_keys import SetKeys
 
-__all__ = ["AdaptiveRefresh", "CachedMask", "FixedRefresh", "PREDICTORS", "PerCall", "Prediction", "Predictor", "SetKeys", "captured_mass",
-           "cluster_order", "exact_mask", "knob_names", "make_predictor", "pooled_top_p", "predict", "widen_to_mass"]
+__all__ = ["AdaptiveRefresh", "CachedMask", "Calibration", "FixedRefresh", "PREDICTORS", "PerCall", "Prediction", "Predictor",
+           "SetKeys", "UnreachableTarget", "calibrate", "captured_mass", "cluster_order", "exact_mask", "knob_names",
+           "make_predictor", "pooled_top_p", "predict", "widen_to_mass"]

@@ -25,7 +25,7 @@ from rich.markup import escape
 
 from ..ditdata import DitShape, dit_qkv
 from ..models import ModelSpec
-from ..predictors.calibrate import Calibration, calibrate
+from ..predictors.calibration import Calibration, calibrate
 from ..tuned import load_tuned, write_tuned
 from ..variant import DTYPES
 from .device import Device
