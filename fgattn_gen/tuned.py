@@ -12,6 +12,7 @@ Schema (version 1)::
       sm: str | null                     # compute capability "9.0"; null under the interpreter
       search_space_hash: str             # fgattn_gen.catalogue.space_hash of the layout
       search_backends: [str]             # optional: the backends searched together (default: best's)
+      space_note: str                    # optional: why search_space_hash was restamped without a new search
       date: str                          # ISO 8601, UTC
       interpret: bool                    # true: CPU interpreter run, times rank nothing on a GPU
       model: str
@@ -74,7 +75,7 @@ _METADATA = {
     "fgattn": _STR, "torch": _STR, "triton": _STR, "optuna": _STR, "cuda": _OPT_STR, "gpu": _STR, "sm": _OPT_STR,
     "search_space_hash": _STR, "date": _STR, "interpret": _BOOL, "model": _STR, "tuned_heads_note": _STR,
 }
-_METADATA_OPTIONAL = {"search_backends": list}
+_METADATA_OPTIONAL = {"search_backends": list, "space_note": _STR}
 _SHAPE = {"batch": _INT, "heads": _INT, "seq_q": _INT, "seq_k": _INT, "head_dim": _INT, "dtype": _STR,
           "block_m": _INT, "block_n": _INT}
 _MEASURED = {"batch": _INT, "heads": _INT, "seq_q": _INT, "seq_k": _INT}
