@@ -155,7 +155,8 @@ def model_part(model: str, args, log) -> dict:
 
 # ---------------------------------------------------------------------------------------- sweep part
 def schedules(args, seq: int, text) -> dict:
-    """name -> (kind, factory): ``factory()`` gives a fresh per-generation object."""
+    """name -> (kind, factory[, target]): ``factory()`` gives a fresh per-generation object (kind
+    ``"calibrated"``: ``factory(threshold=per-head list)``, calibrated for ``target`` per layer)."""
     keep = [text] if text else None
     out = {"default": ("call", lambda: functools.partial(predict, keep_keys=keep))}
     fixed = sorted(set(range(0, args.steps, args.fixed_every)))
@@ -178,7 +179,8 @@ def schedules(args, seq: int, text) -> dict:
 def calibrated_thresholds(shape, family: str, layer: int, target: float, warmup: int, args, device, log) -> list:
     """Per-head exact-mask thresholds for ``target`` (``predictors.calibrate``, worst error over the samples)
     from a held-out run of the same family (seed + 1000: other draws, as a user's earlier generation would
-    be): its steps ``warmup - 1``, the middle and the last. Unreachable: the densest grid value."""
+    be): its steps ``warmup - 1``, the middle and the last. Unreachable: the densest grid value. Calibrated
+    without the text keys the timed run keeps, so the thresholds are conservative."""
     held = trajectory(shape, family, steps=args.steps, seed=args.seed + 1000, device=device)
     steps = sorted({max(warmup - 1, 0), args.steps // 2, args.steps - 1})
     samples = [(held[t].q, held[t].k, held[t].v) for t in steps]
@@ -214,12 +216,13 @@ def sweep_part(model: str, args, log) -> dict:
         if layer == 0:
             last = traj[-1]
             compile_kernels(last.q, last.k, last.v, text)
-        objects = {}
+        objects, thresholds = {}, {}
         for name, (kind, factory, *target) in plans.items():
             if kind == "calibrated":
-                warmup = factory.keywords["policy"].warmup
-                threshold = calibrated_thresholds(shape, family, layer, target[0], warmup, args, device, log)
-                objects[name] = factory(threshold=threshold)
+                key = (target[0], factory.keywords["policy"].warmup)  # the same for every refresh_below
+                if key not in thresholds:
+                    thresholds[key] = calibrated_thresholds(shape, family, layer, *key, args, device, log)
+                objects[name] = factory(threshold=thresholds[key])
             else:
                 objects[name] = factory()
         started = time.time()

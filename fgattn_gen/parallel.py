@@ -49,14 +49,14 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _segment_order(segments: tuple[int, ...], world: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int64 ``[P*s]`` positions in the rank-major sequence of the segment-major tokens, its inverse), made on
-    ``device`` once per (segments, P, device) (a prompt length is a new key: bounded)."""
+    """(int64 ``[P*s]`` positions in the rank-major sequence of the segment-major tokens, its inverse), made
+    once per (segments, P, device) (a prompt length is a new key: bounded) on the host and copied: under CUDA
+    graph capture a first call fails loudly instead of caching tensors that only a replay would fill."""
     shard = sum(segments)
     starts = [sum(segments[:i]) for i in range(len(segments))]
-    rank_starts = torch.arange(world, device=device)[:, None] * shard
-    order = torch.cat([(rank_starts + start + torch.arange(n, device=device)).flatten()
-                       for start, n in zip(starts, segments)])
-    return order, torch.argsort(order)
+    rank_starts = torch.arange(world)[:, None] * shard
+    order = torch.cat([(rank_starts + start + torch.arange(n)).flatten() for start, n in zip(starts, segments)])
+    return order.to(device), torch.argsort(order).to(device)
 
 
 def rank_major(x: torch.Tensor, segments: tuple[int, ...], world: int, dim: int) -> torch.Tensor:

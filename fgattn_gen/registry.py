@@ -17,12 +17,13 @@ Lookup order for ``lookup(device=, dtype=, head_dim=, seq_q=, seq_k=, density=, 
 Results are cached per argument tuple (thread-safe), so a warm lookup is a dictionary hit.
 
 Calibrated predictor knobs (``predictor_knobs`` of a tuned file, ``fgattn-tune --calibrate``):
-``served_knobs(device=, predictor=, heads=, seq_q=, seq_k=, head_dim=, block_m=, block_n=, layer=)`` returns
+``served_knobs(device=, predictor=, heads=, seq_q=, seq_k=, head_dim=, block_m=, block_n=, layer=,
+head_range=)`` returns
 the knobs of the calibration of ``predictor`` with these heads, head dim and KeySet layout whose sequence
 lengths are nearest (log distance, within a factor of two), for ``layer`` (its own values, else ``"*"``), or
-None (per-head values are lists; ``head_range`` slices them for a rank holding some of the layer's heads). A
-file's knobs are served on the GPU it names, and the files of ``--interpret`` runs (gpu
-``"triton-interpreter"``) to CPU tensors; they need the same fgattn minor version, but not the
+None (per-head values are Python lists; ``head_range`` slices them for a rank holding some of the layer's
+heads). A file's knobs are served to calls on the GPU it names; the files of ``--interpret`` runs (gpu
+``"triton-interpreter"``) to calls on CPU tensors; they need the same fgattn minor version, but not the
 kernel checks above (Triton version, search space), which concern the kernel entries only. The predictors
 ask for them (``predictors.default.Default``, ``CachedMask``) when the user gave no value for the knob: a
 bare ``attention(q, k, v, predictor="default")`` gets layer ``"*"``; ``integrations.install`` binds each layer's
@@ -162,7 +163,7 @@ class Registry:
             return self._choices[gpu]
 
     def calibrations(self, gpu: str) -> list[CalibratedKnobs]:
-        """Every servable calibration for GPU name ``gpu`` (``INTERPRETER_GPU``: CPU tensors), loaded once."""
+        """Every servable calibration for GPU name ``gpu`` (``INTERPRETER_GPU``: calls on CPU tensors), loaded once."""
         self.choices(gpu)
         return self._knobs[gpu]
 
@@ -234,7 +235,7 @@ class Registry:
         return Counter(c.variant for c in layout).most_common(1)[0][0]
 
 
-INTERPRETER_GPU = "triton-interpreter"  # metadata.gpu of --interpret runs: their knobs serve CPU tensors
+INTERPRETER_GPU = "triton-interpreter"  # metadata.gpu of --interpret runs: their knobs serve calls on CPU tensors
 
 
 def search_dirs() -> list[Path]:
@@ -366,9 +367,8 @@ def _cached_knobs(gpu: str, predictor: str, heads: int, seq_q: int, seq_k: int, 
     knobs = found.knobs(layer)
     if head_range is None:
         return knobs
-    first = head_range[0]  # this call's heads of the layer's: the per-head lists' slice
-    return {name: value[first:first + heads] if isinstance(value, list) and len(value) == total else value
-            for name, value in knobs.items()}
+    first = head_range[0]  # this call's heads of the layer's: the slice of the per-head knob
+    return {**knobs, found.knob: knobs[found.knob][first:first + heads]}
 
 
 def served_knobs(*, device: torch.device | str, predictor: str, heads: int, seq_q: int, seq_k: int, head_dim: int,

@@ -90,6 +90,24 @@ def test_adaptive_without_sync_refreshes_one_step_late(frozen):
     assert late.needs_refresh(0, layer=0)  # an earlier step: a new generation
 
 
+def test_adaptive_without_sync_keeps_a_low_score_whose_copy_is_late(frozen, monkeypatch):
+    """sync=False when the host copy of a score is never ready in time (as on a GPU running behind the host):
+    the low score of the jump is carried, as a minimum with the later scores, until a copy is read."""
+    import fgattn_gen.predictors.cached_mask as cached_mask
+
+    steps = frozen[:3] + [dit_qkv(TINY, family="content", seed=9, dtype=torch.float16)] + frozen[:2]
+    late = CachedMask(policy=AdaptiveRefresh(refresh_below=0.8, warmup=1, samples=4, sync=False), **MASK)
+    ready = {"now": False}
+    real_value = cached_mask._HostScalar.value
+    monkeypatch.setattr(cached_mask._HostScalar, "value",
+                        lambda self, wait=False: real_value(self, wait) if wait or ready["now"] else None)
+    for t, d in enumerate(steps):
+        ready["now"] = t == 5  # the copies become readable at the last step only
+        late.at(step=t).predict(d.q, d.k, d.v)
+    # the jump at step 3 is low, steps 4-5 (back to the scene) are not: the minimum still refreshes at step 5
+    assert _refreshes(late) == [0, 5]
+
+
 def test_adaptive_branches_and_new_generation(frozen):
     shared = CachedMask(policy=AdaptiveRefresh(refresh_below=0.5, warmup=2), share_branches=True, **MASK)
     for step in range(3):

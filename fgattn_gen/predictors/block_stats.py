@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import nvrtc
-from ..environment import interpreting, templates_dir
+from ..environment import cuda_sm_count, interpreting, templates_dir
 from ..render import cuda_headers
 from .words import pack_mask
 
@@ -318,7 +318,7 @@ def _block_stat_cuda(q, k, lse, *, scale, threshold):
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     kernel = _cuda_stat_kernel(device, d, CUDA_STAGES)
     pairs = triton.cdiv(n_qblocks, 2)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = cuda_sm_count(device)
     per_cta, splits = cuda_key_splits(pairs * n, triton.cdiv(seq_k, CUDA_TILE_KEYS), sms, CUDA_KEY_SPLITS)
     kernel((pairs, n, splits), (CUDA_THREADS, 1, 1), q8, k8, lse.contiguous(), qscale.contiguous(), out, seq_q,
            seq_k, n_qblocks, n_words, float(math.log2(threshold)), per_cta,

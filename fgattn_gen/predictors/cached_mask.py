@@ -20,7 +20,8 @@ that layer (and CFG branch, unless branches share one) is reused. When a layer r
   empty queue: tens of microseconds per call against attention calls of 10-100 ms at video sizes), and a stale
   mask is never used. ``sync=False`` copies the score to pinned host memory without waiting and reads it at
   the layer's next call, which refreshes if it was low: no synchronisation, one step late (the call that
-  measured the low mass still uses the stale mask).
+  measured the low mass still uses the stale mask), or later while the copy has not finished (the pending
+  score is then the minimum of the scores since the refresh, computed on the device: a low one is never lost).
 
 Cached KeySets can be kept on the CPU (pinned, copied back asynchronously when a layer needs its mask).
 A ``Predictor``: use ``attention(q, k, v, predictor=cache.at(step=s, layer=i, branch=j))``.
@@ -137,7 +138,7 @@ class _Entry:
     step: int  # the step whose dense pass produced the mask
     density: _HostScalar  # of the KeySet
     fresh: torch.Tensor | None = None  # adaptive: fp32 [B, H] mean captured mass on the step it was made at
-    pending: _HostScalar | None = None  # sync=False: the last reuse call's score, read at the next call
+    pending: _HostScalar | None = None  # sync=False: the lowest score since the refresh, read at the next call
 
 
 class CachedMask(Predictor):

@@ -214,15 +214,18 @@ def head_thresholds(threshold, heads: int, name: str = "threshold", upper: float
 def device_thresholds(threshold, heads: int, device: torch.device | str, *, name: str = "threshold",
                       upper: float = 1.0, divisor: float = 1.0) -> float | torch.Tensor:
     """``head_thresholds(threshold, heads, name, upper) / divisor``: a float, or fp32 ``[heads]`` on ``device``,
-    made once per values and device (a copy from pageable host memory synchronises the host, and cannot run
-    while a CUDA graph is captured: call once before capturing)."""
+    made once per values, divisor and device and shared (do not modify it): a copy from pageable host memory
+    synchronises the host and cannot run while a CUDA graph is captured, so call once before capturing."""
     value = head_thresholds(threshold, heads, name, upper)
     if not isinstance(value, torch.Tensor):
         return value / divisor
-    return _thresholds_on(tuple(value.tolist()), float(divisor), torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _thresholds_on(tuple(value.tolist()), float(divisor), device)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)  # per layer and sequence length: a model's layers x its prompt lengths
 def _thresholds_on(values: tuple[float, ...], divisor: float, device: torch.device) -> torch.Tensor:
     return (torch.tensor(values, dtype=torch.float32) / divisor).to(device)
 
