@@ -129,13 +129,15 @@ def test_two_workers_on_postgres_one_killed(tiny, tmp_path, postgres_url, monkey
 
     doomed, survivor = worker("a"), worker("bb")
     try:
-        _wait_for_own_trial(postgres_url, doomed)
-        time.sleep(0.1)
+        while True:  # stop the worker inside one of its trials (a tiny trial can end between seeing and killing)
+            killed = _wait_for_own_trial(postgres_url, doomed)
+            doomed.send_signal(signal.SIGSTOP)  # frozen: the trial can neither finish nor send a heartbeat
+            if {t.number: t.state for t in _study(postgres_url).get_trials(deepcopy=False)}[killed] == RUNNING:
+                break
+            doomed.send_signal(signal.SIGCONT)  # that trial ended before the stop: wait for its next one
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait()
-    (killed,) = [t.number for t in _study(postgres_url).get_trials(deepcopy=False, states=(RUNNING,))
-                 if t.user_attrs.get("worker_pid") == doomed.pid]
     try:
         assert survivor.wait(timeout=240) == 0, (tmp_path / "bb.log").read_text()[-3000:]
     finally:
