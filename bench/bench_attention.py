@@ -30,17 +30,16 @@ printed lists that rate per variant side by side.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import math
 import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import torch
 import triton
 import triton.testing
-
-import math
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 from fgattn_gen import KeySet, Variant, attention, reference_attention
 from fgattn_gen.backends.cuda import launch as cuda_launch
@@ -124,21 +123,9 @@ def make_keyset(kind: str, b: int, h: int, s: int, density: float, block_m: int)
     return KeySet.from_mask(mask, block_m=block_m, block_n=BLOCK_N)
 
 
-@contextlib.contextmanager
 def index_workspace(mb: int | None):
     """FGATTN_INDEX_WORKSPACE_MB=mb while the block runs (None: unchanged)."""
-    if mb is None:
-        yield
-        return
-    old = os.environ.get("FGATTN_INDEX_WORKSPACE_MB")
-    os.environ["FGATTN_INDEX_WORKSPACE_MB"] = str(mb)
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FGATTN_INDEX_WORKSPACE_MB"]
-        else:
-            os.environ["FGATTN_INDEX_WORKSPACE_MB"] = old
+    return mock.patch.dict(os.environ, {} if mb is None else {"FGATTN_INDEX_WORKSPACE_MB": str(mb)})
 
 
 def precompile(variants: list[Variant], mma_paths) -> dict[tuple[str, str], str]:
@@ -183,18 +170,9 @@ def flashinfer_c1(q, k, v, head_mask: torch.Tensor):
     return run, run()[:s].transpose(0, 1)[None]
 
 
-@contextlib.contextmanager
 def cuda_mma(path: str):
     """FGATTN_CUDA_MMA=path while the block runs (the CUDA variant's matrix path; kernels load per path)."""
-    old = os.environ.get("FGATTN_CUDA_MMA")
-    os.environ["FGATTN_CUDA_MMA"] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FGATTN_CUDA_MMA"]
-        else:
-            os.environ["FGATTN_CUDA_MMA"] = old
+    return mock.patch.dict(os.environ, {"FGATTN_CUDA_MMA": path})
 
 
 def median_ms(fn, rep_ms: float = 300) -> float:
