@@ -159,3 +159,11 @@ def cuda_sm_count(device_index: int) -> int:
     import torch
 
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def cuda_total_memory(device_index: int) -> int:
+    """Bytes of memory of CUDA device ``device_index``, looked up once."""
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).total_memory

@@ -12,7 +12,7 @@ Padding bits past the last key block are zero.
 Why a bitmask: at HunyuanVideo 720p (B=1, H=24, 118,800 tokens, block_m=128, block_n=1) it takes
 24 * 929 * 3713 * 4 B = 0.33 GiB at any density, where int32 index lists would take ~4 GiB at 30 %
 density. The kernels need index lists; ``fgattn_gen.compaction`` builds them on the GPU per call,
-in head chunks under a fixed workspace budget (see there).
+in head chunks under a workspace budget (see there).
 
 Every method runs as tensor ops on the mask's device with no host synchronisation, except
 ``density()`` and ``nbytes``, which return Python numbers.

@@ -229,12 +229,27 @@ def test_compact_ragged_last_block_counts(device):
 def test_heads_per_chunk(monkeypatch):
     keys = KeySet.full(2, 3, 160, 100, block_m=16)  # per (b, h): 10 * 100 * 4 B = 4000 B
     monkeypatch.delenv("FGATTN_INDEX_WORKSPACE_MB", raising=False)
-    assert compaction.workspace_budget() == 1024 << 20
+    assert compaction.workspace_budget(keys.device) == compaction.workspace_budget() == 1024 << 20
     assert compaction.heads_per_chunk(keys) == 6
     monkeypatch.setenv("FGATTN_INDEX_WORKSPACE_MB", "0")
     assert compaction.heads_per_chunk(keys) == 1
-    monkeypatch.setattr(compaction, "workspace_budget", lambda: 4000 * 4 + 3999)
-    assert compaction.heads_per_chunk(keys) == 4
+    for fits, chunk in ((5, 3), (4, 3), (3, 3), (2, 2)):  # the fewest chunks, of equal size: 3 + 3, not 4 + 2
+        monkeypatch.setattr(compaction, "workspace_budget", lambda device=None, fits=fits: 4000 * fits + 3999)
+        assert compaction.heads_per_chunk(keys) == chunk, fits
+
+
+def test_workspace_budget_on_a_gpu(monkeypatch):
+    """Without the variable: 1/8 of the GPU's memory, at least 1 GiB; the variable wins everywhere."""
+    monkeypatch.delenv("FGATTN_INDEX_WORKSPACE_MB", raising=False)
+    cuda = torch.device("cuda", 0)
+    for memory, budget in ((141 << 30, (141 << 30) // 8), (80 << 30, 10 << 30), (4 << 30, 1 << 30)):
+        monkeypatch.setattr(compaction, "cuda_total_memory", lambda index, memory=memory: memory)
+        assert compaction.workspace_budget(cuda) == budget
+    assert compaction.workspace_budget(torch.device("cpu")) == 1 << 30
+    monkeypatch.setenv("FGATTN_INDEX_WORKSPACE_MB", "3")
+    assert compaction.workspace_budget(cuda) == compaction.workspace_budget() == 3 << 20
+    # HunyuanVideo 720p (24 heads, 931 query blocks x 119,056 keys of int32) fits one launch on an H200's budget
+    assert 24 * 931 * 119_056 * 4 <= (141 << 30) // 8
 
 
 @pytest.mark.parametrize("budget", ["env0", "two_per_chunk"])
@@ -247,7 +262,7 @@ def test_attention_across_head_chunks(gen, device, monkeypatch, budget):
         expected_chunk = 1
     else:
         per_bh = ceil_div(sq, block_m) * ceil_div(sk, block_n) * 4
-        monkeypatch.setattr(compaction, "workspace_budget", lambda: 2 * per_bh)
+        monkeypatch.setattr(compaction, "workspace_budget", lambda device=None: 2 * per_bh)
         expected_chunk = 2  # chunks of 2 and 1 (b * h = 3)
     q, k, v = make_qkv(gen, b, h, sq, sk, d, dtype, device, layout="bshd")
     mask = make_block_mask(gen, b, h, ceil_div(sq, block_m), ceil_div(sk, block_n), "some_empty", density=0.5,

@@ -7,7 +7,6 @@ The workers are this file run as a script (``python test_parallel.py RANK WORLD 
 ``TRITON_INTERPRET=1`` in their environment, so the interpreter is chosen before Triton is imported.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -50,13 +49,10 @@ def segment_shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
     from fgattn_gen import KeySet, attention
     from fgattn_gen.parallel import ulysses_apply, ulysses_attention
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_workers.process_group(rank, world, init_file):
         q_full, k_full, v_full, keys = inputs()
         shard = slice(rank * S // world, (rank + 1) * S // world)
         q, k, v = (t[:, :, shard] for t in (q_full, k_full, v_full))
@@ -81,8 +77,6 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             segment_error = str(e)
         torch.save(dict(keys=out_keys, predictor=out_pred, segments=out_segments, error=error,
                         segment_error=segment_error), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def run_workers(world: int, tmp_path: Path) -> list[dict]:
@@ -118,4 +112,4 @@ def test_ulysses_matches_single_process(tmp_path, single_process, world):
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    gloo_workers.main(worker)

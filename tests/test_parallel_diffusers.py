@@ -14,7 +14,6 @@ workers report one device; and its split hook warns through ``logger.warning_onc
 ``transformers`` adds to ``logging.Logger`` (not installed here), so the workers add it.
 """
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -138,16 +137,11 @@ def ring_errors() -> list[str]:
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
     _cpu_shims()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_workers.process_group(rank, world, init_file):
         results = {case_id(case): run_case(*case, world=world) for case in CASES}
         results["ring"] = ring_errors() if world == 2 else None
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def run_workers(world: int, tmp_path: Path) -> list[dict]:
@@ -224,4 +218,4 @@ def test_ring_degree_is_refused(ranks):
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    gloo_workers.main(worker)
