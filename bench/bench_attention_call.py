@@ -3,6 +3,7 @@ gets from ``attention(q, k, v, predictor=...)``, and what choosing the keys cost
 
     PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_h200           # GPU, seeds 0 1 2
     PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_cpu --cpu      # interpreter smoke run
+    PYTHONPATH=. python bench/bench_attention_call.py --name accuracy_cpu --cpu --accuracy  # errors only, CPU shapes
     PYTHONPATH=. python bench/bench_attention_call.py --name attention_call_h200 --plot    # the plot of a result
 
 Per shape (HunyuanVideo 720p: 24 heads, 33x45x80 video + 256 text = 119,056 tokens; Wan-14B 720p: 40 heads,
@@ -22,7 +23,9 @@ Per shape (HunyuanVideo 720p: 24 heads, 33x45x80 video + 256 text = 119,056 toke
 ``ratio`` = rel_l2 / exact_rel_l2 (bar: default <= 3). Times: medians of ``triton.testing.do_bench``; rel_l2:
 relative L2 of the output against the SDPA output over all heads. Writes ``bench/results/<name>.json`` and
 ``.md`` (the JSON also after every case: ``--resume`` continues a run that was cut short); ``--plot`` draws
-``<name>.png`` from the JSON (matplotlib, on any machine).
+``<name>.png`` from the JSON (matplotlib, on any machine). ``--accuracy`` measures the errors only (no times):
+with ``--cpu`` on the CPU shapes (727 and 2,317 tokens) through the predictors' torch paths and the fp32
+reference, in minutes, where the interpreter smoke run takes an hour.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from __future__ import annotations
 import os
 import sys
 
-if "--cpu" in sys.argv:  # before Triton is imported: @triton.jit decides at decoration time
+if "--cpu" in sys.argv and "--accuracy" not in sys.argv:  # before Triton is imported: @triton.jit decides then
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -52,6 +56,7 @@ GPU_SHAPES = {
     "hunyuan-32k": SHAPES["hunyuan-32k"],
 }
 CPU_SHAPES = {"narrow-cpu": SHAPES["narrow-cpu"]}
+CPU_ACCURACY_SHAPES = {name: SHAPES[name] for name in ("narrow-cpu", "study-cpu")}
 EXACT_SCALES = (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # exact mask thresholds c / S: down to ~0.02 density
 BLOCK_SCALES = (0.25, 0.5, 1, 2, 4)  # 128 x 128 threshold rule, c / n_kblocks
 DEFAULT_SCALES = (0.5, 1, 2, 4, 8)  # predict(threshold_scale=...)
@@ -69,14 +74,19 @@ def interpolate(curve: list[tuple[float, float]], density: float) -> float | Non
     return None
 
 
-def bench_family(shape: DitShape, family: str, seed: int, *, cpu: bool, log) -> list[dict]:
+def bench_family(shape: DitShape, family: str, seed: int, *, cpu: bool, timed: bool, log) -> list[dict]:
+    """The rows of one (shape, family, seed); without ``timed`` every time is None."""
     device = "cpu" if cpu else "cuda"
     data = dit_qkv(shape, family=family, dtype=torch.bfloat16, device=device, seed=seed)
     q, k, v = data.q, data.k, data.v
     del data
     seq = q.shape[2]
     text = [shape.text_range] if shape.text_tokens else None
-    measure = timer(cpu, warmup_ms=25, rep_ms=100)
+    timing = timer(cpu, warmup_ms=25, rep_ms=100)
+
+    def measure(fn) -> float | None:
+        return timing(fn) if timed else None
+
     if cpu:
         ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
         dense_ms = measure(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
@@ -113,13 +123,14 @@ def bench_family(shape: DitShape, family: str, seed: int, *, cpu: bool, log) -> 
         predictor_ms = measure(make_keys)
         kernel_ms = measure(lambda: attention(q, k, v, keys))
         ms = measure(lambda: attention(q, k, v, make_keys()))
+        share = None if predictor_ms is None else predictor_ms / dense_ms
         rows.append(dict(impl=impl, **base, density=density, rel_l2=err, exact_rel_l2=exact_err,
                          ratio=None if exact_err is None else err / exact_err, predictor_ms=predictor_ms,
-                         kernel_ms=kernel_ms, ms=ms, predictor_share=predictor_ms / dense_ms))
-        r = rows[-1]
-        log(f"{shape.name:13s} {family:16s} {impl:13s} density {density:.3f} rel_l2 {err:.4f} "
-            f"(exact {exact_err if exact_err is None else round(exact_err, 4)}) predictor {predictor_ms:.3f} ms "
-            f"= {100 * r['predictor_share']:.2f} % of dense {dense_ms:.3f} ms; kernel {kernel_ms:.3f}, call {ms:.3f}")
+                         kernel_ms=kernel_ms, ms=ms, predictor_share=share))
+        times = "" if share is None else (f" predictor {predictor_ms:.3f} ms = {100 * share:.2f} % of dense "
+                                          f"{dense_ms:.3f} ms; kernel {kernel_ms:.3f}, call {ms:.3f}")
+        log(f"{shape.name:13s} {family:16s} {impl:13s} seed {seed} density {density:.3f} rel_l2 {err:.4f} "
+            f"(exact {exact_err if exact_err is None else round(exact_err, 4)}){times}")
     for impl, curve in curves.items():
         for density, err in curve:
             rows.append(dict(impl=f"{impl} (curve)", **base, density=density, rel_l2=err))
@@ -149,8 +160,8 @@ def markdown(result: dict) -> str:
             continue
         lines.append(f"| {r['shape']} | {r['family']} | {r['seed']} | {r['impl']} | {r['density']:.3f} | "
                      f"{r['rel_l2']:.4f} | {fmt(r['exact_rel_l2'], '.4f')} | {fmt(r['ratio'], '.2f')} | "
-                     f"{r['predictor_ms']:.3f} | {r['predictor_share']:.3f} | {r['kernel_ms']:.3f} | {r['ms']:.3f} | "
-                     f"{r['dense_ms']:.3f} |")
+                     f"{fmt(r['predictor_ms'], '.3f')} | {fmt(r['predictor_share'], '.3f')} | "
+                     f"{fmt(r['kernel_ms'], '.3f')} | {fmt(r['ms'], '.3f')} | {fmt(r['dense_ms'], '.3f')} |")
     defaults = [r for r in result["rows"] if r["impl"] == "default"]
     if defaults:
         lines += ["", "Default predictor per shape and family, over the seeds (mean and worst): every family listed.",
@@ -161,14 +172,15 @@ def markdown(result: dict) -> str:
             group = [r for r in defaults if (r["shape"], r["family"]) == (shape, family)]
             ratios = [r["ratio"] for r in group if r["ratio"] is not None]
             missing = len(group) - len(ratios)
+            shares = [r["predictor_share"] for r in group if r["predictor_share"] is not None]
             lines.append(f"| {shape} | {family} | {len(group)} | {_mean([r['density'] for r in group]):.3f} | "
                          f"{_mean([r['rel_l2'] for r in group]):.4f} | {fmt(_mean(ratios) if ratios else None, '.2f')} | "
                          f"{fmt(max(ratios, default=None), '.2f')}{f' ({missing} n/a)' if missing and ratios else ''} | "
-                         f"{max(r['predictor_share'] for r in group):.3f} |")
+                         f"{fmt(max(shares, default=None), '.3f')} |")
         worst_ratio = max((r["ratio"] for r in defaults if r["ratio"] is not None), default=None)
-        worst_share = max(r["predictor_share"] for r in defaults)
+        worst_share = max((r["predictor_share"] for r in defaults if r["predictor_share"] is not None), default=None)
         lines += ["", f"Default, worst over every row: ratio {fmt(worst_ratio, '.2f')} (bar 3), predictor share "
-                      f"{worst_share:.3f} (bar 0.05)."]
+                      f"{fmt(worst_share, '.3f')} (bar 0.05; n/a: not timed)."]
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +229,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="attention_call")
     parser.add_argument("--cpu", action="store_true", help="CPU with Triton's interpreter, a small shape")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="errors only, no times (with --cpu: the torch paths and the fp32 reference, shapes "
+                             f"{list(CPU_ACCURACY_SHAPES)})")
     parser.add_argument("--plot", action="store_true", help="only draw <name>.png from <name>.json")
     parser.add_argument("--shapes", nargs="+", help=f"default {list(GPU_SHAPES)} (GPU), {list(CPU_SHAPES)} (--cpu)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
@@ -232,12 +247,16 @@ def main(argv=None) -> int:
     if not args.cpu and not torch.cuda.is_available():
         print("bench_attention_call: no CUDA GPU; use --cpu for the interpreter smoke run", file=sys.stderr)
         return 2
-    known = CPU_SHAPES if args.cpu else GPU_SHAPES
+    known = (CPU_ACCURACY_SHAPES if args.accuracy else CPU_SHAPES) if args.cpu else GPU_SHAPES
     names = args.shapes or list(known)
     for name in names:
         if name not in known:
             parser.error(f"unknown shape {name!r}; known: {sorted(known)}")
     started = time.time()
+    info = run_info(args.cpu)
+    if args.accuracy:
+        info["device"] = ("cpu (the predictors' torch paths, fp32 reference attention): errors only, no times"
+                          if args.cpu else f"{info['device']}: errors only, no times")
     partial = RESULTS / f"{args.name}.json"
     rows = json.loads(partial.read_text())["rows"] if args.resume and partial.exists() else []
     done = {(r["shape"], r["family"], r["seed"]) for r in rows}
@@ -246,12 +265,15 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 if (name, family, seed) in done:
                     continue
-                rows += bench_family(known[name], family, seed, cpu=args.cpu, log=lambda m: print(m, flush=True))
+                with warnings.catch_warnings():  # the CPU fallback to the fp32 reference is what --accuracy wants
+                    warnings.filterwarnings("ignore", message="fgattn: CPU tensors and no TRITON_INTERPRET")
+                    rows += bench_family(known[name], family, seed, cpu=args.cpu, timed=not args.accuracy,
+                                         log=lambda m: print(m, flush=True))
                 if not args.cpu:
                     torch.cuda.empty_cache()
                 RESULTS.mkdir(parents=True, exist_ok=True)
-                partial.write_text(json.dumps(dict(name=args.name, **run_info(args.cpu), rows=rows), indent=1) + "\n")
-    result = dict(name=args.name, **run_info(args.cpu), wall_s=round(time.time() - started, 1), rows=rows)
+                partial.write_text(json.dumps(dict(name=args.name, **info, rows=rows), indent=1) + "\n")
+    result = dict(name=args.name, **info, wall_s=round(time.time() - started, 1), rows=rows)
     write_results(args.name, result, markdown(result))
     return 0
 

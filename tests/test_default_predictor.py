@@ -11,6 +11,8 @@ import torch
 from fgattn_gen import KeySet, attention
 from fgattn_gen.ditdata import dit_qkv
 from fgattn_gen.predictors import captured_mass, cluster_order, mass_kernel, predict, threshold_rule
+from fgattn_gen.predictors.default import coherent_blocks
+from fgattn_gen.predictors.query_clusters import ordered_block_means
 from fgattn_gen.predictors.captured_mass import fused_mass, sample_rows
 from fgattn_gen.predictors.key_splits import key_splits, sm_count
 
@@ -33,6 +35,21 @@ def test_cluster_order_groups_clusters(gen):
 
     assert changes(labels) > 400
     assert changes(labels.gather(2, order)) < 50
+
+
+def test_coherent_blocks_picks_the_more_coherent_order_per_head(gen):
+    """Head 0 drifts smoothly along the sequence (a local head: raster blocks are coherent), its candidate order
+    a random permutation; head 1 holds 6 directions shuffled, its candidate order sorted by direction. Head 0
+    keeps the raster order, head 1 takes its candidate; the means are the chosen blocks' means."""
+    seq, d, block_m = 601, 64, 64
+    drift = torch.cumsum(0.2 * torch.randn(seq, d, generator=gen), 0)
+    centers = torch.randn(6, d, generator=gen)
+    labels = torch.randint(0, 6, (seq,), generator=gen)
+    q = torch.stack([drift, centers[labels] + 0.05 * torch.randn(seq, d, generator=gen)])[None].to(torch.bfloat16)
+    candidate = torch.stack([torch.randperm(seq, generator=gen), torch.argsort(labels, stable=True)])[None]
+    order, means = coherent_blocks(q.to(DEVICE), candidate.to(DEVICE), block_m)
+    assert torch.equal(order[0, 0].cpu(), torch.arange(seq)) and torch.equal(order[0, 1].cpu(), candidate[0, 1])
+    torch.testing.assert_close(means, ordered_block_means(q.to(DEVICE), order, block_m))
 
 
 def test_predict_in_attention(gen):

@@ -2,7 +2,9 @@
 it keeps.
 
 1. ``cluster_order``: each head's queries ordered by k-means cluster, so a block of ``block_m`` holds similar
-   queries (``KeySet.query_order``; ``attention`` gathers and scatters the rows).
+   queries (``KeySet.query_order``; ``attention`` gathers and scatters the rows). Per head, the raster order is
+   kept instead where its blocks are more coherent (``coherent_blocks``: local and positional heads, whose
+   neighbours in the sequence are their neighbours in q).
 2. The threshold rule of ``pooled_top_p`` on the ordered blocks: the mean query of each block
    (``ordered_block_means``: q read through the order, never gathered) scores every key (fused passes, scores
    never written) and keeps the keys whose pooled probability exceeds ``threshold`` (default
@@ -49,7 +51,8 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
         block_m, block_n: the KeySet layout.
         threshold_scale: keep keys whose pooled probability exceeds ``threshold_scale / Sk`` (in (0, Sk]; larger:
             sparser), or a list of H such values (one per head: what ``calibrate`` picks).
-        tokens_per_cluster: queries per k-means centroid, or None for raster query blocks (no permutation).
+        tokens_per_cluster: queries per k-means centroid (each head then takes the k-means or the raster order,
+            whichever makes more coherent blocks), or None for raster query blocks (no permutation).
         cluster_steps: Lloyd steps of the clustering.
         min_mass: in (0, 1], or None for no check: blocks whose estimated captured mass is below it keep
             every key.
@@ -76,12 +79,12 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
     scale = checks.check_scale(scale, d)
     impl = checks.resolve_impl(None, q.device)
     n_qblocks, n_kblocks = -(-seq_q // block_m), -(-seq_k // block_n)
-    order = None if tokens_per_cluster is None else cluster_order(q, tokens_per_cluster=tokens_per_cluster,
-                                                                   steps=cluster_steps)
-    if order is None:
+    if tokens_per_cluster is None:
+        order = None
         q_mean = group_mean(q.reshape(b * h, seq_q, d), block_m, impl=impl)
     else:
-        q_mean = ordered_block_means(q, order, block_m)
+        clustered = cluster_order(q, tokens_per_cluster=tokens_per_cluster, steps=cluster_steps)
+        order, q_mean = coherent_blocks(q, clustered, block_m)
     words = []
     for bi in range(b):  # k[bi] is a view for any strides of k
         k_mean = k[bi] if block_n == 1 else group_mean(k[bi], block_n, impl=impl)
@@ -104,6 +107,45 @@ def predict(q: torch.Tensor, k: torch.Tensor, *, block_m: int = 128, block_n: in
         keys = KeySet(torch.where(low, full_row_words(n_kblocks, q.device), bits), n_kblocks, block_m, block_n,
                       query_order=order)
     return (keys, mass) if return_mass else keys
+
+
+def coherent_blocks(q: torch.Tensor, clustered: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the query order whose blocks of ``block_m`` are more coherent: ``clustered`` or the raster order,
+    whichever has the larger between-block scatter ``sum_b n_b |mean_b|^2`` (the heads' total scatter minus the
+    within-block scatter, which a block's mean query cannot represent: k-means' own objective, at block
+    granularity). No host synchronisation.
+
+    Args:
+        q: ``[B, H, Sq, D]``; clustered: int64 ``[B, H, Sq]``, a permutation of each head's rows.
+    Returns:
+        order int64 ``[B, H, Sq]`` (the raster rows ``arange(Sq)`` for the heads that keep them) and the block
+        means fp32 ``[B * H, ceil(Sq / block_m), D]`` of that order.
+    """
+    b, h, seq_q, _ = q.shape
+    raster = _raster_order(b, h, seq_q, q.device)
+    means = ordered_block_means(q, clustered, block_m)
+    raster_means = ordered_block_means(q, raster, block_m)
+    counts = (seq_q - torch.arange(means.shape[1], device=q.device) * block_m).clamp_max(block_m)
+
+    def between(m: torch.Tensor) -> torch.Tensor:
+        return (m.square().sum(-1) * counts).sum(-1)
+
+    use_clusters = between(means) > between(raster_means)  # [B * H]
+    order = torch.where(use_clusters.view(b, h, 1), clustered, raster)
+    return order, torch.where(use_clusters[:, None, None], means, raster_means)
+
+
+def _raster_order(b: int, h: int, seq_q: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[B, H, Sq]`` contiguous: ``arange(Sq)`` per head, made once per shape and device (23 MB at
+    HunyuanVideo 720p), except while a CUDA graph is captured."""
+    if _capturing(device):
+        return torch.arange(seq_q, device=device).expand(b, h, seq_q).contiguous()
+    return _cached_raster(b, h, seq_q, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_raster(b, h, seq_q, device):
+    return torch.arange(seq_q, device=device).expand(b, h, seq_q).contiguous()
 
 
 def _capturing(device: torch.device) -> bool:
